@@ -1,0 +1,21 @@
+"""mac_optax: MAC (Mean Activation approximated Curvature) for Optax and Flax."""
+
+from mac_optax import linen
+from mac_optax._src.alias import mac_sgd
+from mac_optax._src.statistics import ATTEND_MEAN
+from mac_optax._src.statistics import MEAN
+from mac_optax._src.transform import LayerState
+from mac_optax._src.transform import mac
+from mac_optax._src.transform import MacState
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'ATTEND_MEAN',
+    'LayerState',
+    'MEAN',
+    'MacState',
+    'linen',
+    'mac',
+    'mac_sgd',
+]

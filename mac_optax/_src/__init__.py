@@ -1,0 +1,1 @@
+"""Private implementation of mac_optax; import from `mac_optax` instead."""

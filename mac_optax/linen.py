@@ -1,0 +1,8 @@
+"""Flax linen capture of MAC statistics: ``mac_optax.linen.capture()``."""
+
+from mac_optax._src.linen_capture import capture
+from mac_optax._src.linen_capture import input_mean
+from mac_optax._src.linen_capture import intermediates_like
+from mac_optax._src.linen_capture import sow_mean
+
+__all__ = ['capture', 'input_mean', 'intermediates_like', 'sow_mean']
