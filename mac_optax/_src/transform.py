@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mac_optax._src import first_layer
 from mac_optax._src import rank_one
 from mac_optax._src import statistics
 
@@ -145,8 +146,9 @@ def mac(
     inv_every: int = 1,
     exact_inverse: bool = False,
     axis_name: Optional[str] = None,
-    stat_dtype: Any = jnp.float32,
+    stat_dtype: Any = None,
     intermediates_like: Any = None,
+    exact_layers: Optional[dict[str, Any]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MAC: precondition every captured layer with its mean input.
 
@@ -184,11 +186,17 @@ def mac(
       ``λ``) instead of the authors' decoupled damping.
     axis_name: a ``pmap``/``shard_map`` axis over which mean inputs are
       averaged, so all replicas use the global-batch statistic.
-    stat_dtype: dtype of statistics and of the rank-one correction; updates
-      are returned in each gradient's dtype.
+    stat_dtype: dtype of statistics and of the rank-one correction (default
+      float32); updates are returned in each gradient's dtype. Under
+      ``optax.inject_hyperparams`` list it in ``static_args``.
     intermediates_like: optional pytree shaped like the captured
       intermediates (arrays or ``jax.ShapeDtypeStruct``), to create the
       full state in ``init``.
+    exact_layers: ``{layer path: P}`` layers preconditioned with a fixed
+      matrix instead, ``Ĝ_aug ← P Ĝ_aug`` (``P`` ``[d, d]`` or ``[G, d, d]``,
+      ``d = d_in (+1 with bias)``): the paper's exact first layer, see
+      :func:`mac_optax.first_layer.exact_first_layer`. ``P`` must be
+      symmetric positive definite or upper triangular (``L⁻ᵀ``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
@@ -202,13 +210,17 @@ def mac(
     >>> #                            intermediates=captured)
   """
   _check_hyperparameters(damping, stat_decay, cov_every, inv_every)
+  stat_dtype = jnp.dtype(stat_dtype or jnp.float32)
+  exact = first_layer.check_exact_layers(exact_layers)
   layer_shapes = (None if intermediates_like is None
                   else _layer_shapes(intermediates_like))
 
   def init_fn(params):
-    del params
+    first_layer.check_fits(exact, params)
     layers = {}
     for key, shape in (layer_shapes or {}).items():
+      if key in exact:
+        continue
       layers[key] = _empty_layer_state(shape, stat_dtype, inv_every)
     return MacState(step=jnp.zeros([], jnp.int32), layers=layers)
 
@@ -222,6 +234,8 @@ def mac(
     refresh = state.step % inv_every == 0
     new_layers = dict(state.layers)
     for layer in layers:
+      if layer.key in exact:
+        continue
       kernel_grad = leaves[layer.kernel_index]
       bias_grad = (None if layer.bias_index is None
                    else leaves[layer.bias_index])
@@ -246,6 +260,7 @@ def mac(
       leaves[layer.kernel_index] = kernel
       if bias is not None:
         leaves[layer.bias_index] = bias
+    first_layer.precondition_exact(exact, updates, leaves)
     new_state = MacState(step=optax.safe_increment(state.step),
                          layers=new_layers)
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state

@@ -1,0 +1,442 @@
+"""The paper's exact first layer: ``(Σ + λI)⁻¹`` of the full input second moment.
+
+The authors precondition the first layer (a conv stem, a ViT patch embedding)
+not with the rank-one MAC factor but with the exact damped inverse of its input
+second moment, computed once over the training set before training::
+
+    Σ = E[a aᵀ]                        # a: im2col patch (+ a trailing 1 with bias)
+    Ĝ_aug ← P Ĝ_aug,   P = (Σ + λI)⁻¹   # Ĝ_aug laid out (d_in [+1], d_out)
+
+``Σ`` is ``d × d`` (27×27 for a 3×3×3 stem, 769×769 for a 16×16×3 patch
+embedding with bias). A grouped convolution has one ``Σ_g`` per column group,
+over the patches of its channel slice, and ``P`` is ``[G, d, d]``.
+
+Two forms of ``P`` (``form=``):
+
+* ``'inverse'`` (default): ``P = (Σ + λI)⁻¹``, the paper (§4 of the spec) and
+  the authors' code in most of its history (``torch.linalg.inv``; SMAC's
+  ``cholesky_inverse``).
+* ``'cholesky'``: ``P = L⁻ᵀ`` with ``L Lᵀ = Σ + λI``, what the authors' last
+  ``cifar10/optimizers/mac.py`` does (``grad_mat @ L⁻¹`` in PyTorch's
+  ``(d_out, d_in)`` layout). ``L⁻ᵀ L⁻¹ = (Σ + λI)⁻¹``: half of the
+  preconditioner, applied on one side only.
+
+Differences from the reference kept on purpose: ``Σ`` is the mean over all
+patch rows of the data (the reference averages per-batch means, which weighs
+a smaller last batch more), accumulated in float64 on the host.
+
+Usage::
+
+    P = mac_optax.first_layer.exact_first_layer(
+        model, variables, batches, path='Conv_0', damping=1.0)
+    tx = mac_optax.mac_sgd(0.1, exact_layers=P)   # or mac(exact_layers=P)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mac_optax._src import linen_capture
+from mac_optax._src import statistics
+
+_COLLECTION = 'mac_second_moment'
+_SUM, _ROWS = 'sum', 'rows'
+
+
+class SecondMoment(NamedTuple):
+  """The input second moment of one layer, from :func:`input_second_moment`."""
+  matrix: np.ndarray   # [G, d, d] float64, E[a aᵀ]; d = d_in (+1 with bias)
+  rows: int            # number of input rows (patches, tokens) averaged
+  path: str            # module path, e.g. 'Conv_0'
+  has_bias: bool       # the last coordinate of `a` is the constant 1
+
+
+# ------------------------------------------------------------------ inputs --
+
+def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
+  """``[rows, G, d_in]`` im2col patches of a linen ``nn.Conv`` input.
+
+  Each group's patch is in the ``(*kernel_size, C/G)`` order of a Flax kernel.
+  """
+  kernel_size = linen_capture._tuple(module.kernel_size, 1)  # pylint: disable=protected-access
+  n = len(kernel_size)
+  strides = linen_capture._tuple(module.strides, n)  # pylint: disable=protected-access
+  input_dilation = linen_capture._tuple(module.input_dilation, n)  # pylint: disable=protected-access
+  kernel_dilation = linen_capture._tuple(module.kernel_dilation, n)  # pylint: disable=protected-access
+  padding = linen_capture._canonical_padding(module.padding, n)  # pylint: disable=protected-access
+  if x.ndim == n + 1:  # unbatched input
+    x = x[None]
+  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
+  if isinstance(padding, str) and padding in ('CIRCULAR', 'REFLECT'):
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+    x = jnp.pad(x, pads, mode={'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[
+        padding])
+    padding = 'VALID'
+  elif isinstance(padding, str) and padding == 'CAUSAL':
+    pads = [(0, 0)] * x.ndim
+    pads[1] = (kernel_dilation[0] * (kernel_size[0] - 1), 0)
+    x = jnp.pad(x, pads)
+    padding = 'VALID'
+  if isinstance(padding, str):
+    dilated_in = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1],
+                                                    input_dilation)]
+    dilated_k = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+    padding = jax.lax.padtype_to_pads(dilated_in, dilated_k, strides, padding)
+  padding = [tuple(int(v) for v in p) for p in padding]
+  channels, groups = x.shape[-1], module.feature_group_count
+  patches = jax.lax.conv_general_dilated_patches(
+      jnp.moveaxis(x, -1, 1), kernel_size, strides, padding,
+      lhs_dilation=input_dilation, rhs_dilation=kernel_dilation)
+  # [N, C·prod(k), *out] with C major -> [N·prod(out), G, *k, C/G].
+  patches = jnp.moveaxis(patches, 1, -1)
+  patches = patches.reshape(-1, groups, channels // groups, *kernel_size)
+  patches = jnp.moveaxis(patches, 2, -1)
+  return patches.reshape(patches.shape[0], groups, -1)
+
+
+def _dense_rows(x: jax.Array, axis) -> jax.Array:
+  """``[rows, 1, d_in]`` inputs of a Dense/DenseGeneral (contracted axes last)."""
+  axis = tuple(sorted(a % x.ndim for a in axis))
+  x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+  d_in = math.prod(x.shape[x.ndim - len(axis):])
+  return x.reshape(-1, 1, d_in)
+
+
+def layer_inputs(module: nn.Module, x: jax.Array) -> jax.Array:
+  """The ``[rows, G, d_in]`` input vectors ``a`` a layer's kernel sees.
+
+  Args:
+    module: a bound or unbound ``nn.Dense``, ``nn.DenseGeneral`` or
+      ``nn.Conv`` (any rank, padding, strides, dilations, groups).
+    x: the layer's input.
+
+  Returns:
+    One row per batch element and output position (im2col patches for a
+    convolution, tokens for a Dense), ``G`` column groups (``G = 1`` except
+    for grouped convolutions), ``d_in`` in the kernel's input order.
+
+  Raises:
+    ValueError: the module is not a supported layer.
+  """
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      raise ValueError('mac: exact preconditioning does not support '
+                       'DenseGeneral with batch_dims.')
+    axis = (module.axis,) if isinstance(module.axis, int) else module.axis
+    return _dense_rows(x, axis)
+  if isinstance(module, nn.Dense):
+    return _dense_rows(x, (-1,))
+  if isinstance(module, nn.Conv):
+    return _conv_patches(module, x)
+  raise ValueError(
+      f'mac: exact preconditioning supports nn.Dense, nn.DenseGeneral and '
+      f'nn.Conv layers, got {type(module).__name__}.')
+
+
+def batch_second_moment_sum(module: nn.Module, x: jax.Array,
+                            has_bias: bool) -> tuple[jax.Array, jax.Array]:
+  """``(Σ_rows a aᵀ [G, d, d], rows)`` of one batch, float32, jit-safe."""
+  a = layer_inputs(module, jax.lax.stop_gradient(x)).astype(jnp.float32)
+  if has_bias:
+    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+  total = jnp.einsum('rgi,rgj->gij', a, a,
+                     precision=jax.lax.Precision.HIGHEST)
+  return total, jnp.asarray(a.shape[0], jnp.int32)
+
+
+# ----------------------------------------------------------- second moment --
+
+def _default_inputs(batch: Any) -> Any:
+  if isinstance(batch, (tuple, list)):
+    return batch[0]
+  if isinstance(batch, Mapping):
+    for key in ('image', 'images', 'x', 'inputs'):
+      if key in batch:
+        return batch[key]
+  return batch
+
+
+def _path_key(path) -> str:
+  return path if isinstance(path, str) else '/'.join(path)
+
+
+def input_second_moment(
+    model: nn.Module,
+    variables: Any,
+    batches: Iterable[Any],
+    path: str,
+    *,
+    inputs_fn: Callable[[Any], Any] = _default_inputs,
+    apply_kwargs: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+    total: Optional[int] = None,
+) -> SecondMoment:
+  """``Σ = E[a aᵀ]`` of the inputs of the layer at ``path``, over a dataset.
+
+  Streams: each batch runs the (jitted) forward pass, whose only output is
+  the ``[G, d, d]`` sum of ``a aᵀ`` of that batch (XLA drops the rest of the
+  model), accumulated in float64 on the host. No patches outlive a batch.
+
+  Args:
+    model: a linen module.
+    variables: its variables (``{'params': ..., 'batch_stats': ...}``).
+    batches: an iterable of batches (arrays, ``(x, y)`` tuples or dicts).
+    path: the layer's module path, ``'Conv_0'`` or ``'Stem/Conv_0'``.
+    inputs_fn: batch -> the model's positional input (default: ``batch[0]``
+      of a tuple, ``batch['image']`` of a dict, else the batch itself).
+    apply_kwargs: extra keyword arguments of ``model.apply`` (``train=False``).
+    progress: show a tqdm progress bar.
+    total: the number of batches, for the progress bar.
+
+  Returns:
+    A :class:`SecondMoment`; a bias coordinate is included when the layer has
+    a ``bias`` parameter.
+
+  Raises:
+    ValueError: no Dense/DenseGeneral/Conv layer is called at ``path`` (the
+      message lists the layers that are), or ``batches`` is empty.
+
+  Example:
+    >>> moment = input_second_moment(model, variables, loader, 'Conv_0')
+    >>> moment.matrix.shape   # 3x3 stem on RGB, with bias
+    (1, 28, 28)
+  """
+  key = _path_key(path)
+  target = tuple(key.split('/'))
+  params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
+  has_bias = (target + ('bias',)) in statistics.leaf_paths(params)
+  seen: list[str] = []
+  apply_kwargs = dict(apply_kwargs or {})
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name == '__call__' and isinstance(
+        module, (nn.Dense, nn.DenseGeneral, nn.Conv)):
+      seen.append('/'.join(module.path))
+      if tuple(module.path) == target:
+        x = args[0] if args else kwargs['inputs']
+        moment, rows = batch_second_moment_sum(module, x, has_bias)
+        module.sow(_COLLECTION, _SUM, moment)
+        module.sow(_COLLECTION, _ROWS, rows)
+    return next_fun(*args, **kwargs)
+
+  @jax.jit
+  def batch_sum(variables, x):
+    with nn.intercept_methods(interceptor):
+      _, state = model.apply(variables, x, mutable=[_COLLECTION],
+                             **apply_kwargs)
+    layer = state.get(_COLLECTION, {})
+    for name in target:
+      layer = layer.get(name, {}) if isinstance(layer, Mapping) else {}
+    if _SUM not in layer:
+      layers = sorted(set(seen))
+      raise ValueError(
+          f"mac: no nn.Dense/nn.DenseGeneral/nn.Conv layer is called at path "
+          f"'{key}'. Layers called in the forward pass: {layers}.")
+    return sum(layer[_SUM]), sum(layer[_ROWS])
+
+  iterator = iter(batches)
+  if progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    iterator = tqdm.tqdm(iterator, total=total,
+                         desc=f'second moment of {key}', leave=False)
+  accumulated, rows = None, 0
+  for batch in iterator:
+    moment, count = batch_sum(variables, inputs_fn(batch))
+    moment = np.asarray(moment, np.float64)
+    accumulated = moment if accumulated is None else accumulated + moment
+    rows += int(count)
+  if accumulated is None or rows == 0:
+    raise ValueError(f"mac: input_second_moment('{key}'): no batches.")
+  return SecondMoment(accumulated / rows, rows, key, has_bias)
+
+
+# ---------------------------------------------------------- preconditioner --
+
+FORMS = ('inverse', 'cholesky')
+
+
+def exact_preconditioner(moment: SecondMoment, damping: float = 1.0, *,
+                         form: str = 'inverse') -> dict[str, np.ndarray]:
+  """The matrix ``P`` that left-multiplies the layer's ``Ĝ_aug``.
+
+  ``form='inverse'``: ``P = (Σ + λI)⁻¹`` (default, the paper).
+  ``form='cholesky'``: ``P = L⁻ᵀ`` with ``L Lᵀ = Σ + λI`` (the authors' last
+  CIFAR code, ``grad_mat @ L⁻¹`` in PyTorch's layout).
+
+  Args:
+    moment: from :func:`input_second_moment` (or built by hand).
+    damping: ``λ > 0`` added to the diagonal.
+    form: ``'inverse'`` or ``'cholesky'``.
+
+  Returns:
+    ``{moment.path: P}`` with ``P`` ``[G, d, d]`` float32, ready for
+    ``mac(exact_layers=...)`` / ``mac_sgd(exact_layers=...)``.
+
+  Raises:
+    ValueError: ``form`` unknown, ``damping ≤ 0``, ``Σ`` not ``[G, d, d]``
+      square and finite, or ``Σ + λI`` not positive definite.
+  """
+  if form not in FORMS:
+    raise ValueError(f"mac: form must be one of {FORMS}, got '{form}'.")
+  if not damping > 0:
+    raise ValueError(f'mac: damping must be > 0, got {damping}.')
+  sigma = np.asarray(moment.matrix, np.float64)
+  if sigma.ndim == 2:
+    sigma = sigma[None]
+  if sigma.ndim != 3 or sigma.shape[-1] != sigma.shape[-2]:
+    raise ValueError(f"mac: layer '{moment.path}': the second moment must be "
+                     f'[G, d, d] or [d, d], got shape {sigma.shape}.')
+  if not np.all(np.isfinite(sigma)):
+    raise ValueError(f"mac: layer '{moment.path}': the second moment has "
+                     'non-finite entries.')
+  sigma = 0.5 * (sigma + np.swapaxes(sigma, -1, -2))
+  damped = sigma + damping * np.eye(sigma.shape[-1])
+  try:
+    chol = np.linalg.cholesky(damped)
+  except np.linalg.LinAlgError as e:
+    raise ValueError(
+        f"mac: layer '{moment.path}': Σ + λI is not positive definite "
+        f'(λ={damping}); is Σ a second moment E[a aᵀ]?') from e
+  eye = np.broadcast_to(np.eye(sigma.shape[-1]), sigma.shape)
+  chol_inv = np.linalg.solve(chol, eye)             # L⁻¹, lower triangular
+  if form == 'cholesky':
+    matrix = np.swapaxes(chol_inv, -1, -2)           # L⁻ᵀ
+  else:
+    matrix = np.swapaxes(chol_inv, -1, -2) @ chol_inv  # L⁻ᵀ L⁻¹
+  return {moment.path: matrix.astype(np.float32)}
+
+
+def exact_first_layer(model: nn.Module, variables: Any,
+                      batches: Iterable[Any], path: str,
+                      damping: float = 1.0, *, form: str = 'inverse',
+                      **kwargs: Any) -> dict[str, np.ndarray]:
+  """:func:`input_second_moment` then :func:`exact_preconditioner`, one call.
+
+  Example:
+    >>> exact = exact_first_layer(model, variables, train_batches, 'Conv_0')
+    >>> tx = mac_optax.presets.cifar(total_steps, exact_layers=exact)
+  """
+  moment = input_second_moment(model, variables, batches, path, **kwargs)
+  return exact_preconditioner(moment, damping, form=form)
+
+
+# ---------------------------------------------------- used by `mac()` -------
+
+def check_exact_layers(exact_layers: Optional[Mapping[str, Any]]
+                       ) -> dict[str, np.ndarray]:
+  """Validates ``mac(exact_layers=...)``: ``{path: P [G, d, d] or [d, d]}``.
+
+  Each ``P`` must be concrete, finite, and either symmetric positive definite
+  (``(Σ+λI)⁻¹``) or upper triangular with a positive diagonal (``L⁻ᵀ``).
+
+  Raises:
+    ValueError: naming the path, for any other matrix.
+  """
+  checked = {}
+  for path, matrix in (exact_layers or {}).items():
+    key = _path_key(path)
+    try:
+      p = np.asarray(matrix, np.float64)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+      raise ValueError(f"mac: exact_layers['{key}'] must be a concrete "
+                       'array.') from e
+    if p.ndim == 2:
+      p = p[None]
+    if p.ndim != 3 or p.shape[-1] != p.shape[-2] or p.shape[-1] < 1:
+      raise ValueError(f"mac: exact_layers['{key}'] must be a square [d, d] "
+                       f'or [G, d, d] matrix, got shape {p.shape}.')
+    if not np.all(np.isfinite(p)):
+      raise ValueError(f"mac: exact_layers['{key}'] has non-finite entries.")
+    scale = max(np.abs(p).max(), 1e-30)
+    symmetric = np.allclose(p, np.swapaxes(p, -1, -2), atol=1e-5 * scale)
+    upper = np.allclose(np.tril(p, -1), 0)
+    diagonal = np.diagonal(p, axis1=-2, axis2=-1)
+    if symmetric:
+      if np.linalg.eigvalsh(0.5 * (p + np.swapaxes(p, -1, -2))).min() <= 0:
+        raise ValueError(f"mac: exact_layers['{key}'] is symmetric but not "
+                         'positive definite.')
+    elif not (upper and np.all(diagonal > 0)):
+      raise ValueError(
+          f"mac: exact_layers['{key}'] must be symmetric positive definite "
+          '((Σ+λI)⁻¹) or upper triangular with a positive diagonal (L⁻ᵀ).')
+    checked[key] = np.asarray(matrix, np.float32).reshape(p.shape)
+  return checked
+
+
+def _kernel_view(key: str, kernel_shape, has_bias: bool,
+                 matrix_shape) -> tuple[int, int, int]:
+  """``(d_in, G, d_out_g)`` of a kernel for an exact matrix, or ValueError."""
+  groups, d = matrix_shape[0], matrix_shape[-1]
+  d_in = d - int(has_bias)
+  size, k = 1, 0
+  while k < len(kernel_shape) and size < d_in:
+    size *= kernel_shape[k]
+    k += 1
+  d_out = math.prod(kernel_shape[k:])
+  if d_in < 1 or size != d_in or k == len(kernel_shape) or d_out % groups:
+    raise ValueError(
+        f"mac: exact_layers['{key}']: a matrix of shape {tuple(matrix_shape)} "
+        f'does not fit the kernel of shape {tuple(kernel_shape)}'
+        f"{' with a bias' if has_bias else ''}: expected [G, d, d] with "
+        'd = prod(kernel input axes)' + (' + 1' if has_bias else '') +
+        ' and G dividing the output columns.')
+  return d_in, groups, d_out // groups
+
+
+def _find(key: str, paths: dict) -> tuple[int, Optional[int]]:
+  path = tuple(key.split('/'))
+  kernel_index = paths.get(path + ('kernel',))
+  if kernel_index is None:
+    layers = sorted('/'.join(p[:-1]) for p in paths if p[-1:] == ('kernel',))
+    raise ValueError(
+        f"mac: exact_layers['{key}'] is not a layer: no parameter "
+        f"'{key}/kernel'. Layers with a kernel: {layers}.")
+  return kernel_index, paths.get(path + ('bias',))
+
+
+def check_fits(exact: dict[str, np.ndarray], params: Any) -> None:
+  """Raises ValueError if an exact matrix does not fit its layer in `params`."""
+  if not exact or params is None:
+    return
+  leaves = jax.tree_util.tree_leaves(params)
+  paths = statistics.leaf_paths(params)
+  for key, matrix in exact.items():
+    kernel_index, bias_index = _find(key, paths)
+    _kernel_view(key, tuple(leaves[kernel_index].shape),
+                 bias_index is not None, matrix.shape)
+
+
+def precondition_exact(exact: dict[str, np.ndarray], updates: Any,
+                       leaves: list) -> None:
+  """``Ĝ_aug ← P Ĝ_aug`` for every exact layer, in place on the flat `leaves`.
+
+  For group ``g``: ``[K_g; b_g] ← P_g [K_g; b_g]`` with ``K_g`` the kernel
+  gradient's ``(d_in, d_out_g)`` slice and ``b_g`` its bias row.
+  """
+  if not exact:
+    return
+  paths = statistics.leaf_paths(updates)
+  for key, matrix in exact.items():
+    kernel_index, bias_index = _find(key, paths)
+    kernel = leaves[kernel_index]
+    d_in, groups, d_out_g = _kernel_view(key, tuple(kernel.shape),
+                                         bias_index is not None, matrix.shape)
+    g_aug = kernel.astype(jnp.float32).reshape(d_in, groups, d_out_g)
+    if bias_index is not None:
+      bias = leaves[bias_index].astype(jnp.float32).reshape(1, groups, d_out_g)
+      g_aug = jnp.concatenate([g_aug, bias], axis=0)
+    new = jnp.einsum('gij,jgo->igo', jnp.asarray(matrix), g_aug,
+                     precision=jax.lax.Precision.HIGHEST)
+    leaves[kernel_index] = new[:d_in].reshape(kernel.shape).astype(
+        kernel.dtype)
+    if bias_index is not None:
+      bias = leaves[bias_index]
+      leaves[bias_index] = new[d_in].reshape(bias.shape).astype(bias.dtype)

@@ -1,0 +1,187 @@
+"""The exact first layer against naive all-patches covariances and dense inverses."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mac_optax
+from mac_optax import first_layer
+from mac_optax import linen as mac_linen
+
+DAMPING = 0.5
+
+
+def _naive_patches(x, kernel, stride, pads, groups):
+  """All im2col patches by explicit loops: [rows, G, kh·kw·C/G] (Flax order)."""
+  x = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+  b, h, w, c = x.shape
+  cg = c // groups
+  rows = []
+  for n in range(b):
+    for i in range(0, h - kernel[0] + 1, stride[0]):
+      for j in range(0, w - kernel[1] + 1, stride[1]):
+        row = []
+        for g in range(groups):
+          row.append([x[n, i + ki, j + kj, g * cg + ci]
+                      for ki in range(kernel[0]) for kj in range(kernel[1])
+                      for ci in range(cg)])
+        rows.append(row)
+  return np.asarray(rows)
+
+
+def _naive_moment(a, bias):
+  if bias:
+    a = np.concatenate([a, np.ones(a.shape[:-1] + (1,))], axis=-1)
+  return np.einsum('rgi,rgj->gij', a, a) / a.shape[0]
+
+
+class Stem(nn.Module):
+  """A conv (or patch-embedding) stem followed by a Dense head."""
+  conv: nn.Module
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(self.conv(x))
+    return nn.Dense(3, name='head')(x.mean(axis=(1, 2)))
+
+
+# name -> (layer, input shape, kernel, stride, pads, groups)
+CONVS = {
+    'stem_3x3_same_bias': (nn.Conv(4, (3, 3), padding='SAME'),
+                           (7, 5, 5, 3), (3, 3), (1, 1), ((1, 1), (1, 1)), 1),
+    'grouped_strided_no_bias': (
+        nn.Conv(4, (2, 3), strides=(2, 1), padding='VALID',
+                feature_group_count=2, use_bias=False),
+        (5, 6, 5, 4), (2, 3), (2, 1), ((0, 0), (0, 0)), 2),
+    'vit_patch_embedding': (
+        nn.Conv(6, (2, 2), strides=(2, 2), padding='VALID'),
+        (6, 4, 6, 3), (2, 2), (2, 2), ((0, 0), (0, 0)), 1),
+}
+
+
+def _data(shape, seed=0):
+  return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape)) + 0.3
+
+
+@pytest.mark.parametrize('name', sorted(CONVS))
+def test_conv_second_moment_and_inverse_match_naive(name):
+  conv, shape, kernel, stride, pads, groups = CONVS[name]
+  model = Stem(conv)
+  x = _data(shape)
+  variables = model.init(jax.random.PRNGKey(0), x[:1])
+  bias = conv.use_bias
+  # Uneven batches: streaming must weigh every patch row equally.
+  batches = ([(x[:3], None), (x[3:4], None), (x[4:], None)]
+             if name == 'stem_3x3_same_bias' else [(x, None)])
+  moment = first_layer.input_second_moment(model, variables, batches, 'conv',
+                                           progress=False)
+  naive = _naive_moment(_naive_patches(x, kernel, stride, pads, groups), bias)
+  assert moment.has_bias == bias
+  np.testing.assert_allclose(moment.matrix, naive, rtol=1e-5, atol=1e-5)
+
+  exact = first_layer.exact_preconditioner(moment, DAMPING)
+  eye = jnp.eye(naive.shape[-1])
+  expected = np.stack([jnp.linalg.inv(s + DAMPING * eye) for s in naive])
+  np.testing.assert_allclose(exact['conv'], expected, rtol=1e-4, atol=1e-5)
+
+  chol = first_layer.exact_preconditioner(moment, DAMPING, form='cholesky')
+  lower = np.linalg.cholesky(naive + DAMPING * np.eye(naive.shape[-1]))
+  expected_chol = np.swapaxes(np.linalg.inv(lower), -1, -2)
+  np.testing.assert_allclose(chol['conv'], expected_chol, rtol=1e-4,
+                             atol=1e-5)
+  assert np.allclose(np.tril(chol['conv'], -1), 0)
+
+
+def test_dense_layer_on_tokens():
+  class Tokens(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name='head')(nn.Dense(5, name='embed')(x))
+
+  x = _data((4, 3, 6), seed=2)
+  model = Tokens()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  moment = first_layer.input_second_moment(model, variables, [x[:2], x[2:]],
+                                           'embed', progress=False)
+  naive = _naive_moment(x.reshape(-1, 1, 6).astype(np.float64), True)
+  np.testing.assert_allclose(moment.matrix, naive, rtol=1e-5, atol=1e-5)
+  assert moment.rows == 12
+
+
+def _grads_and_stats(model, params, x):
+  def loss(p):
+    with mac_linen.capture():
+      y, v = model.apply({'params': p}, x, mutable=['intermediates'])
+    return jnp.sum(jnp.sin(y)), v['intermediates']
+  return jax.grad(loss, has_aux=True)(params)
+
+
+@pytest.mark.parametrize('form', ['inverse', 'cholesky'])
+@pytest.mark.parametrize('name', ['stem_3x3_same_bias',
+                                  'grouped_strided_no_bias'])
+def test_update_matches_dense_formula(name, form):
+  conv, shape, kernel, stride, pads, groups = CONVS[name]
+  model = Stem(conv)
+  x = _data(shape, seed=3)
+  params = model.init(jax.random.PRNGKey(1), x)['params']
+  exact = first_layer.exact_first_layer(model, {'params': params}, [x],
+                                        'conv', DAMPING, form=form,
+                                        progress=False)
+  grads, inter = _grads_and_stats(model, params, x)
+  tx = mac_optax.mac(damping=DAMPING, exact_layers=exact)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params,
+                                      intermediates=inter)
+  # Dense formula: per group, Ĝ_aug (d_in [+1], d_out_g) ← P_g Ĝ_aug.
+  p = np.asarray(exact['conv'], np.float64)
+  k = np.asarray(grads['conv']['kernel'], np.float64)
+  d_out = k.shape[-1]
+  g_mat = k.reshape(-1, d_out)
+  if conv.use_bias:
+    g_mat = np.concatenate(
+        [g_mat, np.asarray(grads['conv']['bias']).reshape(1, -1)], axis=0)
+  og = d_out // groups
+  new = np.concatenate([p[g] @ g_mat[:, g * og:(g + 1) * og]
+                        for g in range(groups)], axis=1)
+  d_in = g_mat.shape[0] - int(conv.use_bias)
+  np.testing.assert_allclose(updates['conv']['kernel'],
+                             new[:d_in].reshape(k.shape), rtol=1e-4, atol=1e-6)
+  if conv.use_bias:
+    np.testing.assert_allclose(updates['conv']['bias'], new[d_in], rtol=1e-4,
+                               atol=1e-6)
+  # The other layers keep plain MAC; the exact layer has no MAC state.
+  plain, _ = mac_optax.mac(damping=DAMPING).update(
+      grads, mac_optax.mac().init(params), params, intermediates=inter)
+  np.testing.assert_allclose(updates['head']['kernel'],
+                             plain['head']['kernel'], rtol=1e-5, atol=1e-7)
+  assert 'conv' not in state.layers and 'head' in state.layers
+
+
+def test_bad_inputs_raise_clear_errors():
+  conv = CONVS['stem_3x3_same_bias'][0]
+  model = Stem(conv)
+  x = _data((2, 5, 5, 3))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  good = np.eye(28)
+  with pytest.raises(ValueError, match="'nope'.*not a layer"):
+    mac_optax.mac(exact_layers={'nope': good}).init(params)
+  with pytest.raises(ValueError, match="'conv'.*does not fit the kernel"):
+    mac_optax.mac(exact_layers={'conv': np.eye(27)}).init(params)
+  with pytest.raises(ValueError, match="'conv'.*not positive definite"):
+    mac_optax.mac(exact_layers={'conv': -good})
+  with pytest.raises(ValueError, match="'conv'.*symmetric positive definite"):
+    mac_optax.mac(exact_layers={'conv': np.tril(np.ones((28, 28)))})
+  with pytest.raises(ValueError, match="'conv'.*square"):
+    mac_optax.mac(exact_layers={'conv': np.ones((28, 27))})
+  with pytest.raises(ValueError, match="'head/nope'.*Layers called"):
+    first_layer.input_second_moment(model, {'params': params}, [x],
+                                    'head/nope', progress=False)
+  bad = first_layer.SecondMoment(-3 * np.eye(4), 1, 'conv', True)
+  with pytest.raises(ValueError, match="'conv'.*not positive definite"):
+    first_layer.exact_preconditioner(bad, 1.0)
+  with pytest.raises(ValueError, match='form'):
+    first_layer.exact_preconditioner(bad, 1.0, form='sqrt')
+  with pytest.raises(ValueError, match='no batches'):
+    first_layer.input_second_moment(model, {'params': params}, [], 'conv',
+                                    progress=False)
