@@ -1,6 +1,10 @@
 """mac_optax: MAC (Mean Activation approximated Curvature) for Optax and Flax."""
 
+from mac_optax import diagnostics
+from mac_optax import first_layer
 from mac_optax import linen
+from mac_optax import presets
+from mac_optax import smac
 from mac_optax._src.alias import mac_sgd
 from mac_optax._src.statistics import ATTEND_MEAN
 from mac_optax._src.statistics import MEAN
@@ -15,7 +19,11 @@ __all__ = [
     'LayerState',
     'MEAN',
     'MacState',
+    'diagnostics',
+    'first_layer',
     'linen',
     'mac',
     'mac_sgd',
+    'presets',
+    'smac',
 ]

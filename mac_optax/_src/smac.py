@@ -1,0 +1,276 @@
+"""SMAC: MAC with a diagonal gradient-side factor (the authors' later variant).
+
+KFAC's gradient factor ``G = E[g gᵀ]`` over a layer's pre-activation
+gradients ``g`` (one per output unit) is replaced by its diagonal. SMAC's
+update of a layer is then, with ``Ĝ`` laid out ``(d_in [+1], d_out)``::
+
+    U = A⁻¹ Ĝ Z,    Z = diag(1 / (ẑ + λ)),    ẑ = EMA of E_rows[g²]   # (d_out,)
+
+``A⁻¹`` is MAC's rank-one factor (or the exact first layer). ``Z`` scales
+output columns, so it commutes with ``A⁻¹``: :func:`scale_by_grad_sq` is a
+separate transform chained with :func:`mac_optax.mac`.
+
+Getting ``E_rows[g²]`` in JAX without materializing ``g``: inside
+:func:`capture`, the output ``y`` of every ``nn.Dense``/``nn.DenseGeneral``/
+``nn.Conv`` goes through a custom-VJP identity ``y ↦ y + 0·probe`` whose
+backward pass returns the cotangent ``g`` unchanged to the layer and
+``mean_rows(g²)`` (float32, shape of the output units) as the cotangent of
+``probe``. ``probe`` is a zero variable in the ``'mac_probes'`` collection,
+created by Flax's public ``Module.perturb``; differentiate the loss with
+respect to the probes as well as the parameters and the probes' gradients
+are the statistics. ``g`` is the cotangent of the differentiated loss, so
+with a mean loss the per-example gradients carry the ``1/B`` of the mean, as
+in the reference's backward hooks.
+
+Cost: per layer and step, one elementwise square and one reduction of the
+output cotangent in the backward pass (as much as a bias gradient), one
+``d_out`` vector of probes and its gradient; state: one ``d_out`` EMA per
+layer. A layer called several times gets the sum of its calls' statistics.
+Layers inside ``nn.scan`` need ``'mac_probes'`` in the scan's
+``variable_axes``.
+
+Differences from the reference kept on purpose: the EMA is bias-corrected
+with the number of statistics folded into it (the reference's counter
+advances only on ``Tinv`` steps); statistics are folded every ``cov_every``
+steps and ``Z`` is refreshed every ``inv_every`` steps.
+
+Example::
+
+    probes = mac_optax.smac.probes_like(model, variables, x)
+    def loss_fn(params, probes, x, y):
+      with mac_optax.linen.capture(), mac_optax.smac.capture():
+        logits, v = model.apply({'params': params, 'mac_probes': probes}, x,
+                                mutable=['intermediates'])
+      return loss(logits, y), v['intermediates']
+    (l, inter), (grads, grad_sq) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, probes, x, y)
+    tx = optax.chain(mac_optax.smac.scale_by_grad_sq(), mac_optax.mac_sgd(0.1))
+    updates, state = tx.update(grads, state, params, intermediates=inter,
+                               grad_sq=grad_sq)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterator, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mac_optax._src import statistics
+
+PROBES = 'mac_probes'   # the collection of probe variables
+GRAD_SQ = 'mac_grad_sq'  # the probe's name at each layer's path
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _probe(y: jax.Array, probe: jax.Array, n_out: int) -> jax.Array:
+  """``y``, unchanged; its VJP sends ``mean_rows(g²)`` to ``probe``."""
+  del probe, n_out
+  return y
+
+
+def _probe_fwd(y, probe, n_out):
+  del probe, n_out
+  return y, None
+
+
+def _probe_bwd(n_out, residual, g):
+  del residual
+  g32 = g.astype(jnp.float32)
+  rows = g32.reshape((-1,) + g.shape[g.ndim - n_out:])
+  return g, jnp.mean(jnp.square(rows), axis=0)
+
+
+_probe.defvjp(_probe_fwd, _probe_bwd)
+
+
+def _output_axes(module: nn.Module) -> Optional[int]:
+  """Number of trailing output-unit axes of a supported layer, else None."""
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features
+    return 1 if isinstance(features, int) else len(features)
+  if isinstance(module, (nn.Dense, nn.Conv)):
+    return 1
+  return None
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  y = next_fun(*args, **kwargs)
+  n_out = _output_axes(context.module) if context.method_name == '__call__' \
+      else None
+  if n_out is None or not isinstance(y, jax.Array):
+    return y
+  zeros = jnp.zeros(y.shape[y.ndim - n_out:], jnp.float32)
+  probe = context.module.perturb(GRAD_SQ, zeros, collection=PROBES)
+  return _probe(y, probe, n_out)
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[None]:
+  """Routes ``E_rows[g²]`` of every Dense/DenseGeneral/Conv to its probe.
+
+  Without ``'mac_probes'`` in the applied variables the probes are constant
+  zeros and nothing changes. Nest with :func:`mac_optax.linen.capture`.
+  """
+  with nn.intercept_methods(_interceptor):
+    yield
+
+
+def probes_like(model: nn.Module, variables: Any, *args, **kwargs) -> Any:
+  """Zero probes for :func:`capture`: pass them as ``'mac_probes'``.
+
+  Args:
+    model: the linen module.
+    variables: its variables (``{'params': ...}``), arrays or shapes.
+    *args: example inputs of ``model.apply`` (arrays or shapes; only shapes
+      matter, the batch size does not).
+    **kwargs: keyword arguments of ``model.apply``.
+
+  Returns:
+    ``{path...: {'mac_grad_sq': zeros(output units)}}``, float32.
+  """
+  def forward(variables, *args):
+    with capture():
+      _, state = model.apply(variables, *args, mutable=[PROBES], **kwargs)
+    return state.get(PROBES, {})
+
+  shapes = jax.eval_shape(forward, variables, *args)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+class SmacLayerState(NamedTuple):
+  """Gradient statistics of one layer."""
+  grad_sq: jax.Array          # [*out] EMA of E_rows[g²], not bias-corrected
+  count: jax.Array            # [] int32, statistics folded so far
+  scale: Optional[jax.Array]  # [*out] Z = 1/(ẑ+λ) in use (None if
+                              # inv_every == 1)
+
+
+class SmacState(NamedTuple):
+  """State of :func:`scale_by_grad_sq`."""
+  step: jax.Array                      # [] int32
+  layers: dict[str, SmacLayerState]    # by module path
+
+
+_MISSING = (
+    'smac: update() needs the probe gradients as `grad_sq=`: differentiate '
+    "the loss w.r.t. the 'mac_probes' variables (from "
+    'mac_optax.smac.probes_like) applied under mac_optax.smac.capture().')
+
+
+def _probe_leaves(grad_sq: Any) -> dict[str, jax.Array]:
+  """``{layer path: statistic}`` from a tree of probe gradients."""
+  if isinstance(grad_sq, dict) and set(grad_sq) == {PROBES}:
+    grad_sq = grad_sq[PROBES]
+  found = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(grad_sq)[0]:
+    names = [statistics.key_name(k) for k in path]
+    if GRAD_SQ in names:
+      found['/'.join(names[:names.index(GRAD_SQ)])] = leaf
+  return found
+
+
+def _empty(shape, inv_every) -> SmacLayerState:
+  zeros = jnp.zeros(shape, jnp.float32)
+  return SmacLayerState(zeros, jnp.zeros([], jnp.int32),
+                        None if inv_every == 1 else zeros)
+
+
+def scale_by_grad_sq(
+    damping: float | jax.Array = 1.0,
+    stat_decay: float | jax.Array = 0.95,
+    *,
+    cov_every: int = 1,
+    inv_every: int = 1,
+    probes_like: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """SMAC's gradient factor: scale each layer's output columns by ``1/(ẑ+λ)``.
+
+  For the layer at path ``p`` with probe gradient ``z_t = E_rows[g²]``::
+
+      m_t = β m_{t−1} + (1−β) z_t      (steps t % cov_every == 0)
+      ẑ = m_t / (1 − β^n)              (n = statistics folded so far)
+      Z = 1 / (ẑ + λ)                  (refreshed on steps t % inv_every == 0)
+      kernel[..., c] ← kernel[..., c] · Z_c,   bias[c] ← bias[c] · Z_c
+
+  Chain it with :func:`mac_optax.mac` (either order: ``Z`` scales columns).
+
+  Args:
+    damping: ``λ > 0``.
+    stat_decay: ``β ∈ [0, 1)``.
+    cov_every: fold statistics every ``cov_every`` steps.
+    inv_every: refresh ``Z`` every ``inv_every`` steps.
+    probes_like: optional probes tree (:func:`probes_like`) to build the
+      full state in ``init`` (otherwise it is created at the first update).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes the
+    probes' gradients as ``grad_sq=``.
+
+  Example:
+    >>> tx = optax.chain(scale_by_grad_sq(1.0, 0.95), mac_optax.mac_sgd(0.1))
+  """
+  for name, cadence in (('cov_every', cov_every), ('inv_every', inv_every)):
+    if not isinstance(cadence, int) or cadence < 1:
+      raise ValueError(f'smac: {name} must be a positive integer, got '
+                       f'{cadence}.')
+  try:
+    if not float(damping) > 0:
+      raise ValueError(f'smac: damping must be > 0, got {damping}.')
+  except TypeError:
+    pass
+  template = {} if probes_like is None else _probe_leaves(probes_like)
+
+  def init_fn(params):
+    del params
+    return SmacState(jnp.zeros([], jnp.int32),
+                     {k: _empty(v.shape, inv_every)
+                      for k, v in template.items()})
+
+  def update_fn(updates, state, params=None, *, grad_sq=None, **extra):
+    del params, extra
+    if grad_sq is None:
+      raise ValueError(_MISSING)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    paths = statistics.leaf_paths(updates)
+    fold = state.step % cov_every == 0
+    refresh = state.step % inv_every == 0
+    decay = jnp.asarray(stat_decay, jnp.float32)
+    layers = dict(state.layers)
+    for key, z in _probe_leaves(grad_sq).items():
+      path = tuple(key.split('/')) if key else ()
+      kernel_index = paths.get(path + ('kernel',))
+      if kernel_index is None:
+        raise ValueError(f"smac: a probe at '{key}' has no parameter "
+                         f"'{key}/kernel' in the gradients.")
+      kernel = leaves[kernel_index]
+      if tuple(kernel.shape[kernel.ndim - z.ndim:]) != tuple(z.shape):
+        raise ValueError(
+            f"smac: layer '{key}': statistic of shape {z.shape} does not "
+            f'match the output axes of its kernel {kernel.shape}.')
+      layer = layers.get(key) or _empty(z.shape, inv_every)
+      z = z.astype(jnp.float32)
+      take = jnp.logical_and(fold, jnp.all(jnp.isfinite(z)))
+      ema = jnp.where(take, decay * layer.grad_sq + (1 - decay) * z,
+                      layer.grad_sq)
+      count = layer.count + take.astype(jnp.int32)
+      corrected = ema / jnp.where(count > 0, 1 - decay ** count, 1)
+      scale = 1.0 / (corrected + damping)
+      if layer.scale is not None:
+        scale = jnp.where(refresh, scale, layer.scale)
+      layers[key] = SmacLayerState(
+          ema, count, None if layer.scale is None else scale)
+      leaves[kernel_index] = (kernel * scale).astype(kernel.dtype)
+      bias_index = paths.get(path + ('bias',))
+      if bias_index is not None:
+        bias = leaves[bias_index]
+        leaves[bias_index] = (bias * scale.reshape(bias.shape)).astype(
+            bias.dtype)
+    new_state = SmacState(optax.safe_increment(state.step), layers)
+    return jax.tree_util.tree_unflatten(treedef, leaves), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
