@@ -1,0 +1,171 @@
+"""SMAC against a dense reference: explicit pre-activation gradients and inverses."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mac_optax
+from mac_optax import linen as mac_linen
+from mac_optax import smac
+from tests.test_first_layer import _naive_patches
+
+DAMPING, DAMPING_Z, BETA = 0.7, 0.05, 0.8
+
+
+class Net(nn.Module):
+  """Conv → relu → pool → DenseGeneral with two output axes.
+
+  With ``full=True`` every layer output is perturbed at full size (Flax's
+  ``perturb``), so the reference gets the per-row pre-activation gradients.
+  """
+  full: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(3, (2, 2), padding='VALID', name='conv')(x)
+    if self.full:
+      y = self.perturb('conv_out', y)
+    h = nn.tanh(y).mean(axis=(1, 2))
+    self.sow('raw', 'head_in', h)
+    z = nn.DenseGeneral((2, 2), name='head')(h)
+    if self.full:
+      z = self.perturb('head_out', z)
+    return z
+
+
+def _loss_of(logits, y):
+  return jnp.mean((logits.reshape(logits.shape[0], -1) - y) ** 2)
+
+
+BATCHES = [(np.asarray(jax.random.normal(jax.random.PRNGKey(i), (6, 4, 4, 2))),
+            np.asarray(jax.random.normal(jax.random.PRNGKey(9 + i), (6, 4))))
+           for i in range(6)]
+
+
+@jax.jit
+def _reference_gradients(params, x, y):
+  """Per-row cotangents via full-size perturbations; raw layer inputs."""
+  net = Net(full=True)
+  pert = net.init(jax.random.PRNGKey(0), x)['perturbations']
+
+  def loss(p, q):
+    out, v = net.apply({'params': p, 'perturbations': q}, x, mutable=['raw'])
+    return _loss_of(out, y), v['raw']['head_in'][0]
+  return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, pert)
+
+
+def _reference_statistics(params, x, y):
+  (grads, cot), head_in = _reference_gradients(params, x, y)
+  g_conv = np.asarray(cot['conv_out'], np.float64).reshape(-1, 3)
+  g_head = np.asarray(cot['head_out'], np.float64).reshape(-1, 4)
+  grad_sq = {'conv': (g_conv ** 2).mean(0), 'head': (g_head ** 2).mean(0)}
+  means = {
+      'conv': np.append(_naive_patches(x, (2, 2), (1, 1), ((0, 0), (0, 0)),
+                                       1)[:, 0].mean(0), 1.0),
+      'head': np.append(np.asarray(head_in, np.float64).mean(0), 1.0),
+  }
+  return grads, grad_sq, means
+
+
+def test_probe_gradient_is_mean_squared_preactivation_gradient():
+  x, y = BATCHES[0]
+  net = Net()
+  params = net.init(jax.random.PRNGKey(1), x)['params']
+  probes = smac.probes_like(net, {'params': params}, x)
+  assert jax.tree.map(jnp.shape, probes) == {
+      'conv': {smac.GRAD_SQ: (3,)}, 'head': {smac.GRAD_SQ: (2, 2)}}
+
+  def loss(p, q):
+    with smac.capture():
+      out, _ = net.apply({'params': p, smac.PROBES: q}, x, mutable=['raw'])
+    return _loss_of(out, y)
+  grads, grad_sq = jax.grad(loss, argnums=(0, 1))(params, probes)
+  ref_grads, ref_sq, _ = _reference_statistics(params, x, y)
+  np.testing.assert_allclose(grad_sq['conv'][smac.GRAD_SQ], ref_sq['conv'],
+                             rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(
+      np.ravel(grad_sq['head'][smac.GRAD_SQ]), ref_sq['head'], rtol=1e-5,
+      atol=1e-12)
+  # The probes do not change the parameter gradients.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               grads, ref_grads)
+  # Without probes in the variables, the capture is a no-op.
+  with smac.capture():
+    out = net.apply({'params': params}, x, mutable=['raw'])[0]
+  np.testing.assert_allclose(out, net.apply({'params': params}, x,
+                                            mutable=['raw'])[0])
+
+
+@pytest.mark.parametrize('cov_every,inv_every', [(1, 1), (2, 5)])
+def test_smac_update_matches_dense_reference(cov_every, inv_every):
+  net = Net()
+  params = net.init(jax.random.PRNGKey(2), BATCHES[0][0])['params']
+  probes = smac.probes_like(net, {'params': params}, BATCHES[0][0])
+  tx = optax.chain(
+      smac.scale_by_grad_sq(DAMPING_Z, BETA, cov_every=cov_every,
+                            inv_every=inv_every),
+      mac_optax.mac(DAMPING, BETA, cov_every=cov_every, inv_every=inv_every))
+
+  @jax.jit
+  def update(state, x, y):
+    def loss(p, q):
+      with mac_linen.capture(), smac.capture():
+        out, v = net.apply({'params': p, smac.PROBES: q}, x,
+                           mutable=['intermediates', 'raw'])
+      return _loss_of(out, y), v['intermediates']
+    (grads, grad_sq), inter = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+        params, probes)
+    return tx.update(grads, state, params, intermediates=inter,
+                     grad_sq=grad_sq)
+
+  state = tx.init(params)
+  ema = {k: (0.0, 0.0) for k in ('conv', 'head')}   # (grad_sq, mean) EMAs
+  folds = 0
+  used = {}
+  for t, (x, y) in enumerate(BATCHES):
+    updates, state = update(state, x, y)
+    grads, grad_sq, means = _reference_statistics(params, x, y)
+    if t % cov_every == 0:
+      folds += 1
+      ema = {k: (BETA * ema[k][0] + (1 - BETA) * grad_sq[k],
+                 BETA * ema[k][1] + (1 - BETA) * means[k][:-1]) for k in ema}
+    if t % inv_every == 0:
+      for k in ema:
+        z_hat = ema[k][0] / (1 - BETA ** folds)
+        a_hat = np.append(ema[k][1] / (1 - BETA ** folds), 1.0)
+        a_inv = DAMPING * np.linalg.inv(np.outer(a_hat, a_hat)
+                                        + DAMPING * np.eye(a_hat.size))
+        used[k] = (a_inv, np.diag(1.0 / (z_hat + DAMPING_Z)))
+    for k in ('conv', 'head'):
+      kernel = np.asarray(grads[k]['kernel'], np.float64)
+      d_in = kernel.shape[0] if k == 'head' else kernel.size // 3
+      g_aug = np.concatenate([kernel.reshape(d_in, -1),
+                              np.asarray(grads[k]['bias']).reshape(1, -1)], 0)
+      a_inv, z = used[k]
+      u = a_inv @ g_aug @ z
+      np.testing.assert_allclose(updates[k]['kernel'],
+                                 u[:-1].reshape(kernel.shape), rtol=2e-4,
+                                 atol=1e-7, err_msg=f'{k} step {t}')
+      np.testing.assert_allclose(updates[k]['bias'],
+                                 u[-1].reshape(grads[k]['bias'].shape),
+                                 rtol=2e-4, atol=1e-7, err_msg=f'{k} step {t}')
+  assert int(state[0].layers['head'].count) == folds
+
+
+def test_smac_bad_inputs():
+  tx = smac.scale_by_grad_sq()
+  params = {'dense': {'kernel': jnp.ones((3, 4))}}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match='grad_sq'):
+    tx.update(params, state, params)
+  with pytest.raises(ValueError, match="'dense'.*output axes"):
+    tx.update(params, state, params,
+              grad_sq={'dense': {smac.GRAD_SQ: jnp.ones((3,))}})
+  with pytest.raises(ValueError, match="'other'.*kernel"):
+    tx.update(params, state, params,
+              grad_sq={'other': {smac.GRAD_SQ: jnp.ones((4,))}})
+  with pytest.raises(ValueError, match='inv_every'):
+    smac.scale_by_grad_sq(inv_every=0)
