@@ -1,0 +1,136 @@
+"""Diagnostics against hand-computed and explicit-matrix values."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mac_optax
+from mac_optax import diagnostics
+from mac_optax import linen as mac_linen
+
+
+def test_hand_computed_values():
+  # One Dense layer without bias, every input row equal to a = (1, 2):
+  # ‖â‖ = √5, shrink = 1/(1+5) = 1/6. For Ĝ = (1, 0)ᵀ: c = âᵀĜ = 1,
+  # U = Ĝ − â/6 = (5/6, −1/3), cos = (5/6)/‖U‖ = 5/√29.
+  layer = nn.Dense(1, use_bias=False)
+  x = jnp.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]])
+  params = layer.init(jax.random.PRNGKey(0), x)['params']
+  with mac_linen.capture():
+    _, v = layer.apply({'params': params}, x, mutable=['intermediates'])
+  grads = {'kernel': jnp.array([[1.0], [0.0]])}
+  tx = optax.chain(mac_optax.mac(damping=1.0, stat_decay=0.9),
+                   optax.scale(-0.1))
+  updates, state = tx.update(grads, tx.init(params), params,
+                             intermediates=v['intermediates'])
+  figures = diagnostics.layer_figures(grads, state, damping=1.0,
+                                      stat_decay=0.9)
+  fig = figures['']
+  np.testing.assert_allclose(fig.mean_norm, [np.sqrt(5.0)], rtol=1e-6)
+  np.testing.assert_allclose(fig.shrink, [1 / 6], rtol=1e-6)
+  np.testing.assert_allclose(fig.cosine, 5 / np.sqrt(29.0), rtol=1e-6)
+  np.testing.assert_allclose(updates['kernel'][:, 0], [-5 / 60, 1 / 30],
+                             rtol=1e-6)
+  flat = diagnostics.summary(figures)
+  np.testing.assert_allclose(flat['/shrink'], 1 / 6, rtol=1e-6)
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), feature_group_count=2, name='conv')(x))
+    return nn.Dense(3, name='head')(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.parametrize('inv_every', [1, 3])
+def test_figures_match_explicit_matrices_under_jit(inv_every):
+  net = Net()
+  damping, decay = 0.5, 0.9
+  tx = mac_optax.mac_sgd(0.1, damping=damping, stat_decay=decay,
+                         inv_every=inv_every)
+  xs = [jax.random.normal(jax.random.PRNGKey(i), (4, 5, 5, 2)) + 1.0
+        for i in range(3)]
+  params = net.init(jax.random.PRNGKey(7), xs[0])['params']
+
+  traces = []
+
+  @jax.jit
+  def step(params, state, x):
+    traces.append(1)
+
+    def loss(p):
+      with mac_linen.capture():
+        out, v = net.apply({'params': p}, x, mutable=['intermediates'])
+      return jnp.sum(jnp.sin(out)), v['intermediates']
+    grads, inter = jax.grad(loss, has_aux=True)(params)
+    updates, state = tx.update(grads, state, params, intermediates=inter)
+    figures = diagnostics.layer_figures(grads, state, damping=damping,
+                                        stat_decay=decay)
+    return optax.apply_updates(params, updates), state, grads, inter, figures
+
+  state = tx.init(params)
+  state = step(params, state, xs[0])[1]  # lazy per-layer state: 1 trace
+  traces.clear()
+  params = net.init(jax.random.PRNGKey(7), xs[0])['params']
+  state = jax.tree.map(jnp.zeros_like, state)
+  ema, count, used = {}, 0, {}
+  for t, x in enumerate(xs):
+    params_before = params
+    params, state, grads, inter, figures = step(params, state, x)
+    count += 1
+    for key in ('conv', 'head'):
+      batch = np.asarray(inter[key][mac_optax.MEAN][0], np.float64)
+      ema[key] = decay * ema.get(key, 0.0) + (1 - decay) * batch
+      if t % inv_every == 0:
+        used[key] = ema[key] / (1 - decay ** count)
+      a = used[key]                                   # [G, d_in]
+      np.testing.assert_allclose(figures[key].mean_norm,
+                                 np.linalg.norm(a, axis=-1), rtol=1e-5)
+      np.testing.assert_allclose(figures[key].shrink,
+                                 damping / (damping + (a ** 2).sum(-1) + 1),
+                                 rtol=1e-5)
+      # Cosine with explicit per-group inverses on Ĝ_aug.
+      kernel = np.asarray(grads[key]['kernel'], np.float64)
+      groups = a.shape[0]
+      g_aug = np.concatenate([kernel.reshape(a.shape[1], -1),
+                              np.asarray(grads[key]['bias'])[None]], 0)
+      og = g_aug.shape[1] // groups
+      u = []
+      for g in range(groups):
+        a_aug = np.append(a[g], 1.0)
+        inv = damping * np.linalg.inv(np.outer(a_aug, a_aug)
+                                      + damping * np.eye(a_aug.size))
+        u.append(inv @ g_aug[:, g * og:(g + 1) * og])
+      u = np.concatenate(u, 1)
+      cos = (g_aug * u).sum() / np.linalg.norm(g_aug) / np.linalg.norm(u)
+      np.testing.assert_allclose(figures[key].cosine, cos, rtol=1e-5)
+      assert 0 < float(figures[key].cosine) <= 1 + 1e-6
+    del params_before
+  assert len(traces) == 1  # figures never force a retrace
+
+
+def test_preconditioned_argument_and_errors():
+  net = Net()
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 2))
+  params = net.init(jax.random.PRNGKey(1), x)['params']
+  with mac_linen.capture():
+    _, v = net.apply({'params': params}, x, mutable=['intermediates'])
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = mac_optax.mac(damping=2.0)
+  updates, state = tx.update(grads, tx.init(params), params,
+                             intermediates=v['intermediates'])
+  given = diagnostics.layer_figures(grads, state, damping=2.0,
+                                    preconditioned=updates)
+  recomputed = diagnostics.layer_figures(grads, state, damping=2.0)
+  for key in given:
+    np.testing.assert_allclose(given[key].cosine, recomputed[key].cosine,
+                               rtol=1e-6)
+  # Against the identity the cosine is exactly 1.
+  same = diagnostics.layer_figures(grads, state, damping=2.0,
+                                   preconditioned=grads)
+  np.testing.assert_allclose(same['head'].cosine, 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match='MacState'):
+    diagnostics.layer_figures(grads, (), damping=2.0)
