@@ -48,7 +48,8 @@ def sow_mean(module: nn.Module, mean: jax.Array, *,
     ...     mac_optax.linen.sow_mean(self, mac_optax.linen.input_mean(x))
     ...     return x @ kernel
   """
-  module.sow(COLLECTION, name, jnp.asarray(mean, mean_inputs.STAT_DTYPE))
+  mean = jnp.asarray(mean)
+  module.sow(COLLECTION, name, mean.astype(mean_inputs.stat_dtype(mean.dtype)))
 
 
 def input_mean(x: jax.Array, axis: Sequence[int] = (-1,)) -> jax.Array:

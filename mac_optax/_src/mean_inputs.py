@@ -24,6 +24,11 @@ import numpy as np
 STAT_DTYPE = jnp.float32
 
 
+def stat_dtype(dtype) -> jnp.dtype:
+  """Statistics are accumulated in float32, or wider when the input is."""
+  return jnp.promote_types(dtype, STAT_DTYPE)
+
+
 def _mean_rows(x: jax.Array) -> jax.Array:
   """Mean over axis 0 of a 2-D array, as a matvec with a ones vector.
 
@@ -32,7 +37,8 @@ def _mean_rows(x: jax.Array) -> jax.Array:
   """
   rows = x.shape[0]
   weights = jnp.full((rows,), 1.0 / max(rows, 1), dtype=x.dtype)
-  return jnp.einsum('n,nd->d', weights, x, preferred_element_type=STAT_DTYPE)
+  return jnp.einsum('n,nd->d', weights, x,
+                    preferred_element_type=stat_dtype(x.dtype))
 
 
 def dense_mean(x: jax.Array, axis: Sequence[int] = (-1,)) -> jax.Array:
@@ -120,7 +126,7 @@ def conv_mean_patch(
   images = x.reshape(-1, math.prod(spatial) * channels)
   batch = images.shape[0]
   summed = jnp.einsum('b,bd->d', jnp.ones((batch,), x.dtype), images,
-                      preferred_element_type=STAT_DTYPE)
+                      preferred_element_type=stat_dtype(x.dtype))
   summed = summed.reshape(*spatial, channels)
   outputs = conv_output_count(spatial, kernel_size, strides, padding,
                               input_dilation, kernel_dilation)
@@ -131,7 +137,8 @@ def conv_mean_patch(
   for d in range(n):
     taps = _tap_matrix(spatial[d], kernel_size[d], strides[d], padding[d],
                        input_dilation[d], kernel_dilation[d])
-    patch = jnp.tensordot(patch, jnp.asarray(taps), axes=[[0], [1]])
+    patch = jnp.tensordot(patch, jnp.asarray(taps, patch.dtype),
+                          axes=[[0], [1]])
   patch = jnp.moveaxis(patch, 0, -1) / max(batch * outputs, 1)
   groups = feature_group_count
   patch = patch.reshape(*kernel_size, groups, channels // groups)

@@ -98,25 +98,36 @@ def _strip_collection(intermediates: Any, grad_paths: dict[Path, int]) -> Any:
 def find_layers(grads: Any, intermediates: Any) -> list[Layer]:
   """Pairs sown statistics with the gradient leaves they precondition.
 
+  A statistic whose parameter is absent from `grads` is skipped: inside
+  ``optax.partition`` or ``optax.masked`` the other layers' gradients are
+  masked out.
+
   Raises:
-    ValueError: a statistic sits at a path with no matching parameter.
+    ValueError: statistics were sown but none of them has a parameter in
+      `grads` (the intermediates belong to another model, or were sown at
+      the wrong path).
   """
   grad_paths = leaf_paths(grads)
   intermediates = _strip_collection(intermediates, grad_paths)
+  found = sorted(sown_statistics(intermediates).items())
   layers = []
-  for (path, name), calls in sorted(sown_statistics(intermediates).items()):
+  for (path, name), calls in found:
     param_name, _ = _PARAM_OF_STAT[name]
     kernel_index = grad_paths.get(path + (param_name,))
     if kernel_index is None:
-      raise ValueError(
-          f"mac: layer '{'/'.join(path)}' has a '{name}' statistic but no "
-          f"parameter '{'/'.join(path + (param_name,))}' in the gradients. "
-          'Statistics must be sown at the path of the module that owns the '
-          'parameter.')
+      continue
     bias_index = None
     if name == MEAN:
       bias_index = grad_paths.get(path + ('bias',))
     layers.append(Layer(path, name, tuple(calls), kernel_index, bias_index))
+  if found and not layers:
+    paths = ', '.join(f"'{'/'.join(p + (_PARAM_OF_STAT[n][0],))}'"
+                      for (p, n), _ in found[:5])
+    raise ValueError(
+        f'mac: none of the {len(found)} captured statistics has a parameter '
+        f'in the gradients (looked for {paths}, ...). Statistics must be sown '
+        'at the path of the module that owns the parameter, and the '
+        'intermediates must come from the same model as the gradients.')
   return layers
 
 
