@@ -132,7 +132,8 @@ def _statistic(module: nn.Module, method: str, args, kwargs
   """The statistic a supported layer call contributes, or None."""
   if method == '__call__':
     if isinstance(module, nn.DenseGeneral):
-      if module.batch_dims:
+      batch_dims = module.batch_dims
+      if isinstance(batch_dims, int) or tuple(batch_dims):
         raise ValueError(
             f"mac: layer '{'/'.join(module.path)}': DenseGeneral with "
             f'batch_dims={module.batch_dims} is not supported (its kernel '

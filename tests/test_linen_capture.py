@@ -1,0 +1,104 @@
+"""Linen capture: what it sows, and that it changes nothing else."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mac_optax
+from mac_optax import linen as mac_linen
+from tests import reference
+
+
+class Net(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), padding='SAME')(x)
+    x = nn.Dense(features=5)(inputs=x)            # keyword call
+    return nn.DenseGeneral(3, axis=(-3, -2, -1))(x)
+
+
+def _setup():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 2)),
+                  jnp.float32)
+  model = Net()
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  return model, params, x
+
+
+def test_capture_sows_one_statistic_per_layer_and_keeps_outputs():
+  model, params, x = _setup()
+  plain = model.apply({'params': params}, x)
+  with mac_linen.capture():
+    out, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  np.testing.assert_array_equal(out, plain)
+  inter = v['intermediates']
+  assert inter['Conv_0'][mac_optax.MEAN][0].shape == (1, 18)
+  assert inter['Dense_0'][mac_optax.MEAN][0].shape == (1, 4)
+  assert inter['DenseGeneral_0'][mac_optax.MEAN][0].shape == (1, 80)
+  np.testing.assert_allclose(inter['Conv_0'][mac_optax.MEAN][0].reshape(
+      3, 3, 2)[1, 1], np.asarray(x).mean((0, 1, 2)), rtol=1e-5)
+
+
+def test_capture_is_inert_without_mutable_intermediates_and_in_init():
+  model, params, x = _setup()
+  with mac_linen.capture():
+    out = model.apply({'params': params}, x)
+    variables = model.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_array_equal(out, model.apply({'params': params}, x))
+  assert set(variables) == {'params'}
+  _, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  assert not v.get('intermediates')   # nothing sown outside capture
+
+
+class TiedLM(nn.Module):
+  """Token embedding whose table is also the output layer."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(7, 4)
+    h = nn.Dense(4)(embed(tokens))
+    return embed.attend(h)
+
+
+def test_embed_attend_preconditions_the_table_along_features():
+  model = TiedLM()
+  tokens = jnp.array([[1, 2, 3], [4, 5, 6]])
+  params = model.init(jax.random.PRNGKey(0), tokens)['params']
+  with mac_linen.capture():
+    _, v = model.apply({'params': params}, tokens, mutable=['intermediates'])
+  inter = v['intermediates']
+  assert mac_optax.ATTEND_MEAN in inter['Embed_0']
+  grads = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(np.random.default_rng(1).normal(size=p.shape),
+                            p.dtype), params)
+  tx = mac_optax.mac(0.5)
+  updates, _ = tx.update(grads, tx.init(params), params, intermediates=inter)
+  # The attend input is the Dense output h; the table is (vocab, features):
+  # its transpose (features, vocab) is the (d_in, d_out) gradient.
+  h = nn.Dense(4).apply({'params': params['Dense_0']},
+                        params['Embed_0']['embedding'][tokens])
+  a = np.asarray(h).reshape(-1, 4).mean(0)
+  kernel, _ = reference.dense_update(grads['Embed_0']['embedding'].T, None,
+                                     np.tile(a, (7, 1)), 0.5)
+  reference.assert_close(updates['Embed_0']['embedding'], kernel.T)
+
+
+def test_dense_general_with_batch_dims_is_rejected_with_its_path():
+  layer = nn.DenseGeneral(3, axis=-1, batch_dims=0)
+  x = jnp.ones((2, 4))
+  params = layer.init(jax.random.PRNGKey(0), x)['params']
+  with pytest.raises(ValueError, match='batch_dims'):
+    with mac_linen.capture():
+      layer.apply({'params': params}, x, mutable=['intermediates'])
+
+
+def test_intermediates_like_matches_real_capture_shapes():
+  model, params, x = _setup()
+  like = mac_linen.intermediates_like(model, {'params': params}, x)
+  with mac_linen.capture():
+    _, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  assert (jax.tree_util.tree_map(lambda a: a.shape, like)
+          == jax.tree_util.tree_map(lambda a: a.shape, v['intermediates']))
