@@ -70,6 +70,18 @@ def _empty_layer_state(shape, dtype, inv_every) -> LayerState:
       precond_mean=None if _is_every_step(inv_every) else zeros)
 
 
+def _as_layer_state(value) -> Optional[LayerState]:
+  """A `LayerState`, also from the mapping `nnx.Optimizer` stores it as.
+
+  A layer state created lazily in `update` is written back by
+  ``nnx.Optimizer.update`` as an ``nnx.State`` of its fields.
+  """
+  if value is None or isinstance(value, LayerState):
+    return value
+  return LayerState(mean=value['mean'], count=value['count'],
+                    precond_mean=value.get('precond_mean'))
+
+
 def _is_every_step(cadence) -> bool:
   return isinstance(cadence, int) and cadence == 1
 
@@ -243,7 +255,7 @@ def mac(
           layer, kernel_grad.shape,
           None if bias_grad is None else bias_grad.shape)
       shape = statistics.stat_shape(layer)
-      layer_state = state.layers.get(layer.key)
+      layer_state = _as_layer_state(state.layers.get(layer.key))
       if layer_state is None:
         layer_state = _empty_layer_state(shape, stat_dtype, inv_every)
       elif layer_state.mean.shape != shape:

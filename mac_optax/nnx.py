@@ -1,0 +1,24 @@
+"""Flax NNX capture of MAC statistics: ``mac_optax.nnx.capture()``.
+
+Example:
+  >>> optimizer = nnx.Optimizer(model, mac_optax.mac_sgd(0.1, momentum=0.9),
+  ...                           wrt=nnx.Param)
+  >>> @nnx.jit
+  ... def train_step(model, optimizer, x, y):
+  ...   def loss_fn(model):
+  ...     with mac_optax.nnx.capture():           # unmodified model
+  ...       logits, inter = nnx.capture(model, nnx.Intermediate)(x)
+  ...     return loss(logits, y), inter
+  ...   (l, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  ...   optimizer.update(model, grads, intermediates=inter)
+  ...   return l
+"""
+
+from mac_optax._src.nnx_capture import capture
+from mac_optax._src.nnx_capture import input_mean
+from mac_optax._src.nnx_capture import intermediates_like
+from mac_optax._src.nnx_capture import mixed_mean
+from mac_optax._src.nnx_capture import sow_mean
+
+__all__ = ['capture', 'input_mean', 'intermediates_like', 'mixed_mean',
+           'sow_mean']
