@@ -3,6 +3,7 @@
 from mac_optax import diagnostics
 from mac_optax import first_layer
 from mac_optax import linen
+from mac_optax import nnx
 from mac_optax import presets
 from mac_optax import smac
 from mac_optax._src.alias import mac_sgd
@@ -24,6 +25,7 @@ __all__ = [
     'linen',
     'mac',
     'mac_sgd',
+    'nnx',
     'presets',
     'smac',
 ]
