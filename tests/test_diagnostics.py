@@ -10,6 +10,7 @@ import pytest
 import mac_optax
 from mac_optax import diagnostics
 from mac_optax import linen as mac_linen
+from tests.test_first_layer import init_params
 
 
 def test_hand_computed_values():
@@ -18,16 +19,20 @@ def test_hand_computed_values():
   # U = Ĝ − â/6 = (5/6, −1/3), cos = (5/6)/‖U‖ = 5/√29.
   layer = nn.Dense(1, use_bias=False)
   x = jnp.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]])
-  params = layer.init(jax.random.PRNGKey(0), x)['params']
+  params = init_params(layer, x)
   with mac_linen.capture():
     _, v = layer.apply({'params': params}, x, mutable=['intermediates'])
   grads = {'kernel': jnp.array([[1.0], [0.0]])}
   tx = optax.chain(mac_optax.mac(damping=1.0, stat_decay=0.9),
                    optax.scale(-0.1))
-  updates, state = tx.update(grads, tx.init(params), params,
-                             intermediates=v['intermediates'])
-  figures = diagnostics.layer_figures(grads, state, damping=1.0,
-                                      stat_decay=0.9)
+
+  @jax.jit
+  def run(grads, inter):
+    updates, state = tx.update(grads, tx.init(params), params,
+                               intermediates=inter)
+    return updates, diagnostics.layer_figures(grads, state, damping=1.0,
+                                              stat_decay=0.9)
+  updates, figures = run(grads, v['intermediates'])
   fig = figures['']
   np.testing.assert_allclose(fig.mean_norm, [np.sqrt(5.0)], rtol=1e-6)
   np.testing.assert_allclose(fig.shrink, [1 / 6], rtol=1e-6)
@@ -49,11 +54,14 @@ class Net(nn.Module):
 def test_figures_match_explicit_matrices_under_jit(inv_every):
   net = Net()
   damping, decay = 0.5, 0.9
-  tx = mac_optax.mac_sgd(0.1, damping=damping, stat_decay=decay,
-                         inv_every=inv_every)
-  xs = [jax.random.normal(jax.random.PRNGKey(i), (4, 5, 5, 2)) + 1.0
-        for i in range(3)]
-  params = net.init(jax.random.PRNGKey(7), xs[0])['params']
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(4, 5, 5, 2)).astype(np.float32) + 1.0
+        for _ in range(3)]
+  params = init_params(net, xs[0], seed=7)
+  tx = mac_optax.mac_sgd(
+      0.1, damping=damping, stat_decay=decay, inv_every=inv_every,
+      intermediates_like=mac_linen.intermediates_like(
+          net, {'params': params}, xs[0]))
 
   traces = []
 
@@ -72,10 +80,6 @@ def test_figures_match_explicit_matrices_under_jit(inv_every):
     return optax.apply_updates(params, updates), state, grads, inter, figures
 
   state = tx.init(params)
-  state = step(params, state, xs[0])[1]  # lazy per-layer state: 1 trace
-  traces.clear()
-  params = net.init(jax.random.PRNGKey(7), xs[0])['params']
-  state = jax.tree.map(jnp.zeros_like, state)
   ema, count, used = {}, 0, {}
   for t, x in enumerate(xs):
     params_before = params
@@ -114,23 +118,26 @@ def test_figures_match_explicit_matrices_under_jit(inv_every):
 
 def test_preconditioned_argument_and_errors():
   net = Net()
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 2))
-  params = net.init(jax.random.PRNGKey(1), x)['params']
-  with mac_linen.capture():
-    _, v = net.apply({'params': params}, x, mutable=['intermediates'])
-  grads = jax.tree.map(jnp.ones_like, params)
+  x = np.random.default_rng(0).normal(size=(2, 5, 5, 2)).astype(np.float32)
+  params = init_params(net, x, seed=1)
   tx = mac_optax.mac(damping=2.0)
-  updates, state = tx.update(grads, tx.init(params), params,
-                             intermediates=v['intermediates'])
-  given = diagnostics.layer_figures(grads, state, damping=2.0,
-                                    preconditioned=updates)
-  recomputed = diagnostics.layer_figures(grads, state, damping=2.0)
+
+  @jax.jit
+  def figures(params):
+    with mac_linen.capture():
+      _, v = net.apply({'params': params}, x, mutable=['intermediates'])
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(grads, tx.init(params), params,
+                               intermediates=v['intermediates'])
+    return grads, state, [
+        diagnostics.layer_figures(grads, state, damping=2.0,
+                                  preconditioned=p)
+        for p in (updates, None, grads)]
+  grads, state, (given, recomputed, same) = figures(params)
   for key in given:
     np.testing.assert_allclose(given[key].cosine, recomputed[key].cosine,
                                rtol=1e-6)
   # Against the identity the cosine is exactly 1.
-  same = diagnostics.layer_figures(grads, state, damping=2.0,
-                                   preconditioned=grads)
   np.testing.assert_allclose(same['head'].cosine, 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match='MacState'):
     diagnostics.layer_figures(grads, (), damping=2.0)

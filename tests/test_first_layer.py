@@ -1,5 +1,7 @@
 """The exact first layer against naive all-patches covariances and dense inverses."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -62,7 +64,15 @@ CONVS = {
 
 
 def _data(shape, seed=0):
-  return np.asarray(jax.random.normal(jax.random.PRNGKey(seed), shape)) + 0.3
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32) + 0.3
+
+
+def init_params(model, *args, seed=0, scale=0.5):
+  """Random parameters without compiling an initializer (numpy from shapes)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)['params']
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda s: (scale * rng.normal(size=s.shape)).astype(s.dtype), shapes)
 
 
 @pytest.mark.parametrize('name', sorted(CONVS))
@@ -70,7 +80,7 @@ def test_conv_second_moment_and_inverse_match_naive(name):
   conv, shape, kernel, stride, pads, groups = CONVS[name]
   model = Stem(conv)
   x = _data(shape)
-  variables = model.init(jax.random.PRNGKey(0), x[:1])
+  variables = {'params': init_params(model, x[:1])}
   bias = conv.use_bias
   # Uneven batches: streaming must weigh every patch row equally.
   batches = ([(x[:3], None), (x[3:4], None), (x[4:], None)]
@@ -82,8 +92,8 @@ def test_conv_second_moment_and_inverse_match_naive(name):
   np.testing.assert_allclose(moment.matrix, naive, rtol=1e-5, atol=1e-5)
 
   exact = first_layer.exact_preconditioner(moment, DAMPING)
-  eye = jnp.eye(naive.shape[-1])
-  expected = np.stack([jnp.linalg.inv(s + DAMPING * eye) for s in naive])
+  eye = np.eye(naive.shape[-1])
+  expected = np.stack([np.linalg.inv(s + DAMPING * eye) for s in naive])
   np.testing.assert_allclose(exact['conv'], expected, rtol=1e-4, atol=1e-5)
 
   chol = first_layer.exact_preconditioner(moment, DAMPING, form='cholesky')
@@ -102,7 +112,7 @@ def test_dense_layer_on_tokens():
 
   x = _data((4, 3, 6), seed=2)
   model = Tokens()
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = {'params': init_params(model, x)}
   moment = first_layer.input_second_moment(model, variables, [x[:2], x[2:]],
                                            'embed', progress=False)
   naive = _naive_moment(x.reshape(-1, 1, 6).astype(np.float64), True)
@@ -110,6 +120,7 @@ def test_dense_layer_on_tokens():
   assert moment.rows == 12
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _grads_and_stats(model, params, x):
   def loss(p):
     with mac_linen.capture():
@@ -118,14 +129,14 @@ def _grads_and_stats(model, params, x):
   return jax.grad(loss, has_aux=True)(params)
 
 
-@pytest.mark.parametrize('form', ['inverse', 'cholesky'])
-@pytest.mark.parametrize('name', ['stem_3x3_same_bias',
-                                  'grouped_strided_no_bias'])
+@pytest.mark.parametrize('name,form', [
+    ('stem_3x3_same_bias', 'inverse'), ('stem_3x3_same_bias', 'cholesky'),
+    ('grouped_strided_no_bias', 'inverse')])
 def test_update_matches_dense_formula(name, form):
   conv, shape, kernel, stride, pads, groups = CONVS[name]
   model = Stem(conv)
   x = _data(shape, seed=3)
-  params = model.init(jax.random.PRNGKey(1), x)['params']
+  params = init_params(model, x, seed=1)
   exact = first_layer.exact_first_layer(model, {'params': params}, [x],
                                         'conv', DAMPING, form=form,
                                         progress=False)
@@ -151,7 +162,7 @@ def test_update_matches_dense_formula(name, form):
     np.testing.assert_allclose(updates['conv']['bias'], new[d_in], rtol=1e-4,
                                atol=1e-6)
   # The other layers keep plain MAC; the exact layer has no MAC state.
-  plain, _ = mac_optax.mac(damping=DAMPING).update(
+  plain, _ = jax.jit(mac_optax.mac(damping=DAMPING).update)(
       grads, mac_optax.mac().init(params), params, intermediates=inter)
   np.testing.assert_allclose(updates['head']['kernel'],
                              plain['head']['kernel'], rtol=1e-5, atol=1e-7)
@@ -162,7 +173,7 @@ def test_bad_inputs_raise_clear_errors():
   conv = CONVS['stem_3x3_same_bias'][0]
   model = Stem(conv)
   x = _data((2, 5, 5, 3))
-  params = model.init(jax.random.PRNGKey(0), x)['params']
+  params = init_params(model, x)
   good = np.eye(28)
   with pytest.raises(ValueError, match="'nope'.*not a layer"):
     mac_optax.mac(exact_layers={'nope': good}).init(params)

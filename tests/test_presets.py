@@ -1,5 +1,7 @@
 """Presets: each builds and steps; CIFAR follows the authors' update rules."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 import mac_optax
 from mac_optax import linen as mac_linen
 from tests.test_first_layer import _naive_patches
+from tests.test_first_layer import init_params
 
 
 class SmallCNN(nn.Module):
@@ -22,10 +25,10 @@ class SmallCNN(nn.Module):
 
 
 MODEL = SmallCNN()
-BATCHES = [np.asarray(jax.random.normal(jax.random.PRNGKey(i), (8, 6, 6, 2)))
-           + 0.5 for i in range(4)]
-LABELS = [np.asarray(jax.random.randint(jax.random.PRNGKey(10 + i), (8,), 0, 5))
-          for i in range(4)]
+_RNG = np.random.default_rng(0)
+BATCHES = [_RNG.normal(size=(8, 6, 6, 2)).astype(np.float32) + 0.5
+           for _ in range(4)]
+LABELS = [_RNG.integers(0, 5, size=(8,)) for _ in range(4)]
 
 
 def _loss(params, x, y):
@@ -104,7 +107,7 @@ def _authors_trajectory(params, steps, lr_fn, tcov, tinv, sigma, wd=5e-4,
 @pytest.mark.parametrize('tcov,tinv', [(5, 50), (2, 3)])
 def test_cifar_preset_follows_the_authors_update_rules(tcov, tinv):
   steps, total = 20, 40
-  params = MODEL.init(jax.random.PRNGKey(0), BATCHES[0])['params']
+  params = init_params(MODEL, BATCHES[0])
   exact = mac_optax.first_layer.exact_first_layer(
       MODEL, {'params': params}, BATCHES, 'stem', 1.0, progress=False)
   overrides = {} if (tcov, tinv) == (5, 50) else dict(cov_every=tcov,
@@ -141,8 +144,7 @@ def test_cifar_preset_follows_the_authors_update_rules(tcov, tinv):
         a, b, rtol=2e-4, atol=2e-6, err_msg=f'step {t}'), params, expected[t])
   moved = max(jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.abs(np.asarray(a) - b).max()), params,
-      jax.tree.map(np.asarray, MODEL.init(jax.random.PRNGKey(0),
-                                          BATCHES[0])['params']))))
+      init_params(MODEL, BATCHES[0]))))
   assert moved > 1e-2  # the trajectory is not trivially static
   assert int(mac_optax.diagnostics.find_mac_state(state).step) == steps
 
@@ -155,30 +157,38 @@ class Tiny(nn.Module):
     return nn.Dense(3)(nn.relu(x))
 
 
-def _tiny_step(tx, grads_scale=1.0, zero=False, steps=1):
+@functools.lru_cache(maxsize=None)
+def _tiny_problem():
   model = Tiny()
-  x = jnp.linspace(-1, 1, 10).reshape(2, 5)
-  params = model.init(jax.random.PRNGKey(0), x)['params']
+  x = np.linspace(-1, 1, 10, dtype=np.float32).reshape(2, 5)
+  params = init_params(model, x)
 
   def loss(p):
     with mac_linen.capture():
       y, v = model.apply({'params': p}, x, mutable=['intermediates'])
     return jnp.sum(y ** 2), v['intermediates']
-  grads, inter = jax.grad(loss, has_aux=True)(params)
+  grads, inter = jax.jit(jax.grad(loss, has_aux=True))(params)
+  return params, grads, inter
+
+
+def _tiny_step(make_tx, grads_scale=1.0, zero=False, steps=1):
+  params, grads, inter = _tiny_problem()
+  tx = make_tx(intermediates_like=inter)
   grads = jax.tree.map(lambda g: 0 * g if zero else grads_scale * g, grads)
   state = tx.init(params)
+  update = jax.jit(tx.update)
   for _ in range(steps):
-    updates, state = tx.update(grads, state, params, intermediates=inter)
+    updates, state = update(grads, state, params, intermediates=inter)
   return params, grads, updates
 
 
 @pytest.mark.parametrize('name', ['cifar', 'imagenet', 'vit', 'nanogpt'])
 def test_each_preset_builds_and_steps(name):
-  tx = {'cifar': lambda: mac_optax.presets.cifar(100),
-        'imagenet': lambda: mac_optax.presets.imagenet(100, 10),
-        'vit': lambda: mac_optax.presets.vit(100, 10),
-        'nanogpt': lambda: mac_optax.presets.nanogpt(100, 10)}[name]()
-  params, grads, updates = _tiny_step(tx, steps=2)
+  make = {'cifar': lambda **k: mac_optax.presets.cifar(100, **k),
+          'imagenet': lambda **k: mac_optax.presets.imagenet(100, 10, **k),
+          'vit': lambda **k: mac_optax.presets.vit(100, 10, **k),
+          'nanogpt': lambda **k: mac_optax.presets.nanogpt(100, 10, **k)}
+  params, _, updates = _tiny_step(make[name], steps=2)  # lr(0) = 0 in warmup
   assert jax.tree.structure(updates) == jax.tree.structure(params)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
   assert any(np.abs(u).max() > 0 for u in jax.tree.leaves(updates))
@@ -200,18 +210,19 @@ def test_masks():
 
 def test_weight_decay_styles_with_zero_gradients():
   # CIFAR, coupled on everything: first update = −lr·wd·p.
-  params, _, updates = _tiny_step(mac_optax.presets.cifar(100), zero=True)
+  params, _, updates = _tiny_step(
+      lambda **k: mac_optax.presets.cifar(100, **k), zero=True)
   jax.tree.map(lambda u, p: np.testing.assert_allclose(
       u, -0.1 * 5e-4 * p, rtol=1e-5, atol=1e-9), updates, params)
   # ViT, decoupled on ≥2-D only; warmup 1 step: lr(1) = 0.5.
-  params, _, updates = _tiny_step(mac_optax.presets.vit(100, 1), zero=True,
-                                  steps=2)
+  params, _, updates = _tiny_step(
+      lambda **k: mac_optax.presets.vit(100, 1, **k), zero=True, steps=2)
   mask = mac_optax.presets.matrix_mask(params)
   jax.tree.map(lambda u, p, m: np.testing.assert_allclose(
       u, -0.5 * 1e-4 * p * m, rtol=1e-5, atol=1e-9), updates, params, mask)
   # ImageNet, decoupled except on the LayerNorm.
-  params, _, updates = _tiny_step(mac_optax.presets.imagenet(100, 1),
-                                  zero=True, steps=2)
+  params, _, updates = _tiny_step(
+      lambda **k: mac_optax.presets.imagenet(100, 1, **k), zero=True, steps=2)
   np.testing.assert_allclose(updates['Dense_0']['bias'],
                              -0.5 * 2e-5 * params['Dense_0']['bias'],
                              rtol=1e-5)
@@ -221,8 +232,9 @@ def test_weight_decay_styles_with_zero_gradients():
 def test_nanogpt_clips_before_preconditioning():
   # Huge gradients are clipped to norm 1; MAC never grows a norm; Nesterov
   # from a zero buffer gives (1 + μ)·g̃: ‖update + lr·wd·p‖ ≤ lr·1.9.
-  tx = mac_optax.presets.nanogpt(100, warmup_steps=0)
-  params, _, updates = _tiny_step(tx, grads_scale=1e6)
+  params, _, updates = _tiny_step(
+      lambda **k: mac_optax.presets.nanogpt(100, warmup_steps=0, **k),
+      grads_scale=1e6)
   lr = 1e-3
   mask = mac_optax.presets.matrix_mask(params)
   rest = jax.tree.map(lambda u, p, m: u + lr * 0.1 * p * m, updates, params,
@@ -232,6 +244,5 @@ def test_nanogpt_clips_before_preconditioning():
 
 
 def test_smac_preset_needs_and_uses_grad_sq():
-  tx = mac_optax.presets.cifar(100, smac=True)
   with pytest.raises(ValueError, match='grad_sq'):
-    _tiny_step(tx)
+    _tiny_step(lambda **k: mac_optax.presets.cifar(100, smac=True, **k))

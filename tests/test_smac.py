@@ -11,6 +11,7 @@ import mac_optax
 from mac_optax import linen as mac_linen
 from mac_optax import smac
 from tests.test_first_layer import _naive_patches
+from tests.test_first_layer import init_params
 
 DAMPING, DAMPING_Z, BETA = 0.7, 0.05, 0.8
 
@@ -40,16 +41,18 @@ def _loss_of(logits, y):
   return jnp.mean((logits.reshape(logits.shape[0], -1) - y) ** 2)
 
 
-BATCHES = [(np.asarray(jax.random.normal(jax.random.PRNGKey(i), (6, 4, 4, 2))),
-            np.asarray(jax.random.normal(jax.random.PRNGKey(9 + i), (6, 4))))
-           for i in range(6)]
+_RNG = np.random.default_rng(0)
+BATCHES = [(_RNG.normal(size=(6, 4, 4, 2)).astype(np.float32),
+            _RNG.normal(size=(6, 4)).astype(np.float32)) for _ in range(6)]
 
 
 @jax.jit
 def _reference_gradients(params, x, y):
   """Per-row cotangents via full-size perturbations; raw layer inputs."""
   net = Net(full=True)
-  pert = net.init(jax.random.PRNGKey(0), x)['perturbations']
+  pert = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(net.init, jax.random.PRNGKey(0), x)['perturbations'])
 
   def loss(p, q):
     out, v = net.apply({'params': p, 'perturbations': q}, x, mutable=['raw'])
@@ -73,16 +76,19 @@ def _reference_statistics(params, x, y):
 def test_probe_gradient_is_mean_squared_preactivation_gradient():
   x, y = BATCHES[0]
   net = Net()
-  params = net.init(jax.random.PRNGKey(1), x)['params']
+  params = init_params(net, x, seed=1)
   probes = smac.probes_like(net, {'params': params}, x)
   assert jax.tree.map(jnp.shape, probes) == {
       'conv': {smac.GRAD_SQ: (3,)}, 'head': {smac.GRAD_SQ: (2, 2)}}
 
-  def loss(p, q):
-    with smac.capture():
-      out, _ = net.apply({'params': p, smac.PROBES: q}, x, mutable=['raw'])
-    return _loss_of(out, y)
-  grads, grad_sq = jax.grad(loss, argnums=(0, 1))(params, probes)
+  @jax.jit
+  def grads_of(p, q):
+    def loss(p, q):
+      with smac.capture():
+        out, _ = net.apply({'params': p, smac.PROBES: q}, x, mutable=['raw'])
+      return _loss_of(out, y)
+    return jax.grad(loss, argnums=(0, 1))(p, q)
+  grads, grad_sq = grads_of(params, probes)
   ref_grads, ref_sq, _ = _reference_statistics(params, x, y)
   np.testing.assert_allclose(grad_sq['conv'][smac.GRAD_SQ], ref_sq['conv'],
                              rtol=1e-5, atol=1e-12)
@@ -93,21 +99,27 @@ def test_probe_gradient_is_mean_squared_preactivation_gradient():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                grads, ref_grads)
   # Without probes in the variables, the capture is a no-op.
-  with smac.capture():
-    out = net.apply({'params': params}, x, mutable=['raw'])[0]
-  np.testing.assert_allclose(out, net.apply({'params': params}, x,
-                                            mutable=['raw'])[0])
+  def forward(captured):
+    def run(p):
+      return net.apply({'params': p}, x, mutable=['raw'])[0]
+    if captured:
+      with smac.capture():
+        return jax.jit(run)(params)
+    return jax.jit(run)(params)
+  np.testing.assert_allclose(forward(True), forward(False))
 
 
 @pytest.mark.parametrize('cov_every,inv_every', [(1, 1), (2, 5)])
 def test_smac_update_matches_dense_reference(cov_every, inv_every):
   net = Net()
-  params = net.init(jax.random.PRNGKey(2), BATCHES[0][0])['params']
+  params = init_params(net, BATCHES[0][0], seed=2)
   probes = smac.probes_like(net, {'params': params}, BATCHES[0][0])
   tx = optax.chain(
       smac.scale_by_grad_sq(DAMPING_Z, BETA, cov_every=cov_every,
-                            inv_every=inv_every),
-      mac_optax.mac(DAMPING, BETA, cov_every=cov_every, inv_every=inv_every))
+                            inv_every=inv_every, probes_like=probes),
+      mac_optax.mac(DAMPING, BETA, cov_every=cov_every, inv_every=inv_every,
+                    intermediates_like=mac_linen.intermediates_like(
+                        net, {'params': params}, BATCHES[0][0])))
 
   @jax.jit
   def update(state, x, y):
