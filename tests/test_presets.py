@@ -246,3 +246,17 @@ def test_nanogpt_clips_before_preconditioning():
 def test_smac_preset_needs_and_uses_grad_sq():
   with pytest.raises(ValueError, match='grad_sq'):
     _tiny_step(lambda **k: mac_optax.presets.cifar(100, smac=True, **k))
+
+
+@pytest.mark.slow
+def test_reproduction_script_runs():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = (pathlib.Path(__file__).resolve().parent.parent / 'examples'
+          / 'reproduce_cifar_recipe.py')
+  spec = importlib.util.spec_from_file_location('reproduce', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  results = module.main(['--epochs', '1', '--seeds', '1', '--no-progress'])
+  assert len(results) == 3
+  assert all(0.0 <= a <= 1.0 for accs in results.values() for a in accs)

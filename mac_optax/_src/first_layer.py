@@ -306,7 +306,7 @@ def exact_preconditioner(moment: SecondMoment, damping: float = 1.0, *,
         f"mac: layer '{moment.path}': Σ + λI is not positive definite "
         f'(λ={damping}); is Σ a second moment E[a aᵀ]?') from e
   eye = np.broadcast_to(np.eye(sigma.shape[-1]), sigma.shape)
-  chol_inv = np.linalg.solve(chol, eye)             # L⁻¹, lower triangular
+  chol_inv = np.tril(np.linalg.solve(chol, eye))    # L⁻¹, lower triangular
   if form == 'cholesky':
     matrix = np.swapaxes(chol_inv, -1, -2)           # L⁻ᵀ
   else:
