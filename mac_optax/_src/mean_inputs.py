@@ -123,11 +123,12 @@ def conv_mean_patch(
   n = len(kernel_size)
   x = jax.lax.stop_gradient(x)
   spatial, channels = x.shape[x.ndim - n - 1:-1], x.shape[-1]
-  images = x.reshape(-1, math.prod(spatial) * channels)
+  # Only the batch axes are merged: flattening (spatial, C) would make a
+  # channel-sharded input (tensor parallelism) all-gather.
+  images = x.reshape(-1, *spatial, channels)
   batch = images.shape[0]
-  summed = jnp.einsum('b,bd->d', jnp.ones((batch,), x.dtype), images,
+  summed = jnp.einsum('b,b...->...', jnp.ones((batch,), x.dtype), images,
                       preferred_element_type=stat_dtype(x.dtype))
-  summed = summed.reshape(*spatial, channels)
   outputs = conv_output_count(spatial, kernel_size, strides, padding,
                               input_dilation, kernel_dilation)
   # Contract one spatial axis at a time; each step turns the leading

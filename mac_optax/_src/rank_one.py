@@ -37,6 +37,7 @@ def precondition(
     damping: jax.Array | float,
     *,
     exact_inverse: bool = False,
+    input_ndim: int = 1,
 ) -> tuple[jax.Array, Optional[jax.Array]]:
   """Applies ``(ā āᵀ + λI)⁻¹`` (up to ``1/λ``) to a grouped layer gradient.
 
@@ -54,6 +55,10 @@ def precondition(
     damping: ``λ > 0``; a scalar, possibly traced.
     exact_inverse: divide the result by ``λ`` (the true inverse). The default
       keeps the authors' decoupled damping.
+    input_ndim: number of input axes ``n``: with ``n > 1`` the kernel is
+      ``[*stack, *in_axes, G, d_out_g]`` and the mean ``[*stack, G, *in_axes]``
+      (the kernel's input axes kept unflattened, so a kernel sharded along a
+      minor input axis, e.g. a conv's ``c_in``, is never gathered).
 
   Returns:
     The preconditioned ``(kernel_grad, bias_grad)``, same shapes and dtypes
@@ -65,13 +70,15 @@ def precondition(
     >>> u.shape
     (3, 1, 2)
   """
-  projection = jnp.einsum('...gi,...igo->...go', mean, kernel_grad)
-  norm_sq = jnp.sum(jnp.square(mean), axis=-1)
+  ins = 'ijklmnpqrstuvwxyz'[:input_ndim]
+  projection = jnp.einsum(f'...g{ins},...{ins}go->...go', mean, kernel_grad)
+  norm_sq = jnp.sum(jnp.square(mean), axis=tuple(range(-input_ndim, 0)))
   if bias_grad is not None:
     projection = projection + bias_grad
     norm_sq = norm_sq + 1.0
   coeff = projection / (damping + norm_sq)[..., None]
-  new_kernel = kernel_grad - jnp.einsum('...gi,...go->...igo', mean, coeff)
+  new_kernel = kernel_grad - jnp.einsum(f'...g{ins},...go->...{ins}go', mean,
+                                        coeff)
   new_bias = None if bias_grad is None else bias_grad - coeff
   if exact_inverse:
     new_kernel = new_kernel / damping

@@ -119,18 +119,35 @@ def _update_statistics(state: LayerState, batch_mean, fold, stat_decay,
   return LayerState(mean, count, used), used
 
 
+def _input_axes(view, kernel_shape) -> tuple[int, ...]:
+  """The kernel's own input axes (sizes multiplying to ``d_in`` of `view`)."""
+  stack, d_in = len(view) - 3, view[-3]
+  size, k = 1, stack
+  while size < d_in:
+    size *= kernel_shape[k]
+    k += 1
+  return tuple(kernel_shape[stack:k])
+
+
 def _precondition_layer(layer, view, kernel_grad, bias_grad, mean, damping,
                         exact_inverse, dtype):
-  """Preconditions one layer's gradient leaves in `dtype`, returns originals'."""
+  """Preconditions one layer's gradient leaves in `dtype`, returns originals'.
+
+  The kernel's input axes are not flattened (the small mean is reshaped to
+  them instead), so a kernel sharded along any input axis keeps its sharding.
+  """
   kernel = kernel_grad.astype(dtype)
   if layer.transposed:
     kernel = jnp.swapaxes(kernel, -1, -2)
-  kernel = kernel.reshape(view)
+  in_axes = _input_axes(view, kernel.shape)
+  kernel = kernel.reshape(view[:-3] + in_axes + view[-2:])
+  mean = mean.reshape(mean.shape[:-1] + in_axes)
   bias = None
   if bias_grad is not None:
     bias = bias_grad.astype(dtype).reshape(view[:-3] + view[-2:])
   new_kernel, new_bias = rank_one.precondition(
-      kernel, bias, mean, damping, exact_inverse=exact_inverse)
+      kernel, bias, mean, damping, exact_inverse=exact_inverse,
+      input_ndim=len(in_axes))
   if layer.transposed:
     new_kernel = jnp.swapaxes(
         new_kernel.reshape(view[:-3] + (view[-3], -1)), -1, -2)
