@@ -1,0 +1,89 @@
+"""The README's Python snippets run, and the digits demo runs end to end."""
+
+import importlib.util
+import pathlib
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import mac_optax
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SKIP_MARK = '<!-- not tested -->'
+
+
+def readme_snippets():
+  """``(line, code)`` of every ```python block of README.md, in order.
+
+  A block preceded by the line ``<!-- not tested -->`` is left out.
+  """
+  text = (ROOT / 'README.md').read_text(encoding='utf-8')
+  snippets = []
+  for match in re.finditer(r'^```python\n(.*?)^```', text, re.S | re.M):
+    before = text[:match.start()].rstrip().splitlines()
+    if before and before[-1].strip() == SKIP_MARK:
+      continue
+    snippets.append((text.count('\n', 0, match.start()) + 1, match.group(1)))
+  return snippets
+
+
+def load_demo():
+  spec = importlib.util.spec_from_file_location(
+      'digits_cnn', ROOT / 'examples' / 'digits_cnn.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_readme_snippets_run():
+  snippets = readme_snippets()
+  assert any('intermediates=inter' in code for _, code in snippets), (
+      "README lost the usage snippet with tx.update(..., intermediates=...)")
+  namespace = {'__name__': 'readme'}
+  for line, code in snippets:
+    try:
+      exec(compile(code, f'README.md:{line}', 'exec'), namespace)  # pylint: disable=exec-used
+    except Exception as error:  # pylint: disable=broad-except
+      pytest.fail(f'README.md python block at line {line} failed: '
+                  f'{type(error).__name__}: {error}')
+  # The usage snippet's model mixes Conv, DenseGeneral and Dense: all three
+  # must have been preconditioned (state created), and the step be finite.
+  state = namespace['opt_state']
+  mac_states = [s for s in jax.tree_util.tree_leaves(
+      state, is_leaf=lambda s: isinstance(s, mac_optax.MacState))
+                if isinstance(s, mac_optax.MacState)]
+  assert mac_states, 'no MacState in the README optimizer state'
+  assert {'Conv_0', 'DenseGeneral_0', 'Dense_0'} <= set(mac_states[0].layers)
+  for leaf in jax.tree_util.tree_leaves(namespace['params']):
+    assert np.all(np.isfinite(leaf))
+
+
+def test_demo_runs_a_few_steps(capsys):
+  demo = load_demo()
+  results = demo.main(['--steps', '3', '--batch-size', '32', '--no-progress'])
+  assert [r['optimizer'] for r in results] == ['MAC', 'SGD']
+  for r in results:
+    assert np.isfinite(r['train_loss'])
+    assert 0.0 <= r['test_acc'] <= 1.0 and 0.0 <= r['train_acc'] <= 1.0
+  out = capsys.readouterr().out
+  assert 'test acc' in out and 'MAC' in out and 'SGD' in out
+
+
+def test_demo_batches_are_shuffled_epochs():
+  demo = load_demo()
+  batches = demo.batch_indices(100, 32, 7, seed=0)  # 3 batches per epoch
+  assert batches.shape == (7, 32)
+  for epoch in range(2):
+    seen = batches[3 * epoch:3 * epoch + 3].ravel()
+    assert len(set(seen.tolist())) == 96  # no repeats within an epoch
+  assert not np.array_equal(batches[:3], batches[3:6])
+
+
+def test_demo_epochs_flag():
+  demo = load_demo()
+  args = demo.parse_args(['--epochs', '2.5', '--seed', '3', '--mac-lr', '0.05'])
+  assert args.epochs == 2.5 and args.seed == 3 and args.mac_lr == 0.05
+  with pytest.raises(SystemExit):  # --steps and --epochs are exclusive
+    demo.parse_args(['--steps', '3', '--epochs', '1'])
