@@ -141,3 +141,36 @@ def test_preconditioned_argument_and_errors():
   np.testing.assert_allclose(same['head'].cosine, 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match='MacState'):
     diagnostics.layer_figures(grads, (), damping=2.0)
+
+
+def test_tied_embedding_attend_layer():
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      embed = nn.Embed(7, 4)
+      return embed.attend(nn.Dense(4)(embed(tokens)))
+
+  model = Tied()
+  tokens = np.array([[1, 2, 3], [4, 5, 6]])
+  params = init_params(model, tokens)
+  tx = mac_optax.mac(damping=0.5)
+
+  @jax.jit
+  def run(params):
+    def loss(p):
+      with mac_linen.capture():
+        y, v = model.apply({'params': p}, tokens, mutable=['intermediates'])
+      return jnp.sum(jnp.sin(y)), v['intermediates']
+    grads, inter = jax.grad(loss, has_aux=True)(params)
+    updates, state = tx.update(grads, tx.init(params), params,
+                               intermediates=inter)
+    return (inter, diagnostics.layer_figures(grads, state, damping=0.5),
+            diagnostics.layer_figures(grads, state, damping=0.5,
+                                      preconditioned=updates))
+  inter, recomputed, given = run(params)
+  a = np.asarray(inter['Embed_0'][mac_optax.ATTEND_MEAN][0])
+  np.testing.assert_allclose(recomputed['Embed_0'].shrink,
+                             0.5 / (0.5 + (a ** 2).sum(-1)), rtol=1e-5)
+  np.testing.assert_allclose(recomputed['Embed_0'].cosine,
+                             given['Embed_0'].cosine, rtol=1e-5)
+  assert float(given['Embed_0'].cosine) < 1.0

@@ -40,6 +40,10 @@ from mac_optax._src import statistics
 from mac_optax._src import transform
 
 
+# State key of an Embed lookup statistic (a tied table also has an attend one).
+_LOOKUP_SUFFIX = '@lookup'
+
+
 class LayerFigures(NamedTuple):
   """Per-layer figures (``S`` stack axes, ``G`` column groups)."""
   mean_norm: jax.Array   # [*S, G] ‖â‖
@@ -108,14 +112,19 @@ def layer_figures(
   done = None if preconditioned is None else jax.tree_util.tree_leaves(
       preconditioned)
   figures = {}
+  lookup = getattr(statistics, 'LOOKUP_MEAN', None)
   for key, layer_state in state.layers.items():
-    path = tuple(key.split('/')) if key else ()
+    name = key[:-len(_LOOKUP_SUFFIX)] if key.endswith(_LOOKUP_SUFFIX) else key
+    path = tuple(name.split('/')) if name else ()
     mean = used_mean(layer_state, stat_decay)
-    kernel_index = paths.get(path + ('kernel',))
-    stat_name = statistics.MEAN
-    if kernel_index is None:
-      kernel_index = paths.get(path + ('embedding',))
-      stat_name = statistics.ATTEND_MEAN
+    if lookup is not None and name != key:  # Embed lookup: (vocab, D) table
+      kernel_index, stat_name = paths.get(path + ('embedding',)), lookup
+    else:
+      kernel_index = paths.get(path + ('kernel',))
+      stat_name = statistics.MEAN
+      if kernel_index is None:
+        kernel_index = paths.get(path + ('embedding',))
+        stat_name = statistics.ATTEND_MEAN
     if kernel_index is None:
       raise ValueError(f"diagnostics: layer '{key}' has no kernel or "
                        'embedding in the gradients.')
@@ -127,10 +136,10 @@ def layer_figures(
     bias = None if bias_index is None else leaves[bias_index].astype(
         jnp.float32)
     stack = mean.ndim - 2
-    if layer.transposed:
-      kernel = jnp.swapaxes(kernel, -1, -2)
     view = statistics.kernel_view(
         layer, kernel.shape, None if bias is None else bias.shape)
+    if layer.transposed:
+      kernel = jnp.swapaxes(kernel, -1, -2)
     kernel = kernel.reshape(view)
     if bias is not None:
       bias = bias.reshape(view[:-3] + view[-2:])
