@@ -1,0 +1,423 @@
+"""Renders benchmarks/results.json into RESULTS.md and PNG plots."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from benchmarks import steps
+
+OPTS = steps.OPTIMIZERS
+LABEL = steps.LABELS
+COLORS = {'sgd': 'tab:blue', 'adamw': 'tab:orange', 'mac': 'tab:green',
+          'kfac': 'tab:red'}
+
+
+def _ms(x):
+  return f'{1e3 * x:.2f}'
+
+
+def _mib(b):
+  return f'{b / 2**20:.2f}'
+
+
+def _err(entry):
+  return f'**fails**: `{entry["error"]}`'
+
+
+# --------------------------------------------------------------------------
+
+
+def _speed(out, lines, summary):
+  sp = out.get('speed')
+  if not sp:
+    return
+  lines += ['## 1. Step time (whole jitted train step)', '',
+            f'Forward (with `capture()` for MAC), backward, optimizer update '
+            f'and parameter update in one `jax.jit` (state donated). Each '
+            f'repeat times {sp["inner"]} consecutive steps per optimizer; the '
+            f'optimizers are interleaved in rotating order within one process '
+            f'({sp["repeats"]} repeats), so machine-load drifts hit all of '
+            f'them alike. Per-step ms, min / median over repeats; ratios are '
+            f'to SGD-momentum (min/min, median/median). kfac-jax updates its '
+            f'inverses every {steps.KFAC_INVERSE_EVERY} steps (its default), '
+            f'so its time is an amortized average.', '',
+            '| model | params | ' + ' | '.join(
+                f'{LABEL[o]} ms (min / med)' for o in OPTS) + ' | ' +
+            ' | '.join(f'{LABEL[o]} / SGD (min / med)' for o in OPTS[1:]) +
+            ' |', '|' + '---|' * (2 + 2 * len(OPTS) - 1)]
+  shapes = []
+  for m, e in sp['models'].items():
+    cells, ratios = [], []
+    base = e['opt'].get('sgd', {})
+    for o in OPTS:
+      r = e['opt'].get(o, {})
+      if 'error' in r:
+        cells.append('fails (see below)')
+      elif 'min' in r:
+        cells.append(f'{_ms(r["min"])} / {_ms(r["median"])}')
+      else:
+        cells.append('–')
+    for o in OPTS[1:]:
+      r = e['opt'].get(o, {})
+      if 'min' in r and 'min' in base:
+        ratios.append(f'{r["min"] / base["min"]:.2f}× / '
+                      f'{r["median"] / base["median"]:.2f}×')
+      else:
+        ratios.append('–')
+    lines.append(f'| {m} | {e["params"]:,} | ' + ' | '.join(cells + ratios)
+                 + ' |')
+    shapes.append(f'- **{m}**: {e["desc"]} ({e["params"]:,} parameters).')
+    mac, adamw = e['opt'].get('mac', {}), e['opt'].get('adamw', {})
+    if 'min' in mac and 'min' in base:
+      ratio = mac['min'] / base['min']
+      summary.append(
+          f'{m}: MAC {ratio:.2f}× SGD-momentum (min), '
+          f'{mac["median"] / base["median"]:.2f}× (median)' +
+          (f', {mac["min"] / adamw["min"]:.2f}× AdamW' if 'min' in adamw
+           else ''))
+  lines += ['', 'Shapes:', ''] + shapes + ['']
+  errors = [(m, o, e['opt'][o]['error']) for m, e in sp['models'].items()
+            for o in OPTS if 'error' in e['opt'].get(o, {})]
+  if errors:
+    lines += ['Optimizers that could not run (error text as raised):', '']
+    lines += [f'- {LABEL[o]} on {m}: `{t}`' for m, o, t in errors]
+    lines.append('')
+  lines += ['Targets (issue 6): MAC ≤ 1.05× SGD-momentum and MAC ≤ AdamW, '
+            'on min times:', '']
+  for m, e in sp['models'].items():
+    mac, base, adamw = (e['opt'].get(k, {}) for k in ('mac', 'sgd', 'adamw'))
+    if 'min' in mac and 'min' in base and 'min' in adamw:
+      r1, r2 = mac['min'] / base['min'], mac['min'] / adamw['min']
+      lines.append(f'- {m}: {r1:.3f}× SGD → '
+                   f'{"met" if r1 <= 1.05 else "**missed**"}; '
+                   f'{r2:.3f}× AdamW → {"met" if r2 <= 1.0 else "**missed**"}')
+  lines.append('')
+  lines += ['Compile time (s, ahead-of-time `lower().compile()`): ' + '; '.join(
+      f'{m}: ' + ', '.join(
+          f'{LABEL[o]} {e["opt"][o]["compile_s"]:.1f}'
+          for o in OPTS if 'compile_s' in e['opt'].get(o, {}))
+      for m, e in sp['models'].items()), '']
+
+
+def _memory(out, lines, summary):
+  mem = out.get('memory')
+  if not mem:
+    return
+  lines += ['## 2. Memory', '',
+            'Optimizer-state bytes: every array leaf of the optimizer state '
+            '(kfac-jax: its optax state plus the `OptaxPreconditionState` '
+            'with factors and cached inverses). Compiled: '
+            '`compiled.memory_analysis()` of the train step (XLA:CPU): `temp` '
+            'is the scratch memory of the step, `total` = arguments + outputs '
+            '− aliased (donated) + temp, an upper bound of the peak live '
+            'bytes.', '',
+            '| model | optimizer | state MiB | state / SGD | step temp MiB | '
+            'step total MiB |', '|---|---|---|---|---|---|']
+  for m, e in mem['models'].items():
+    base = e['opt'].get('sgd', {}).get('state_bytes')
+    for o in OPTS:
+      r = e['opt'].get(o, {})
+      if 'error' in r:
+        lines.append(f'| {m} | {LABEL[o]} | {_err(r)} | | | |')
+        continue
+      c = r.get('compiled', {})
+      rel = f'{r["state_bytes"] / base:.2f}×' if base else '–'
+      lines.append(f'| {m} | {LABEL[o]} | {_mib(r["state_bytes"])} | {rel} | '
+                   f'{_mib(c.get("temp", 0))} | {_mib(c.get("total", 0))} |')
+  lines += ['', 'MAC state bound: MAC state ≤ SGD-momentum state + '
+            'Σ_layers (d_in + 1) floats (d_in summed over column groups G; '
+            'the "+1" is the per-layer step counter). Σ is computed from the '
+            'capture shapes, independently of the optimizer state.', '',
+            '| model | layers | MAC − SGD bytes | bound bytes | within? |',
+            '|---|---|---|---|---|']
+  for m, e in mem['models'].items():
+    mac, sgd = e['opt'].get('mac', {}), e['opt'].get('sgd', {})
+    if 'state_bytes' not in mac or 'state_bytes' not in sgd:
+      continue
+    extra = mac['state_bytes'] - sgd['state_bytes']
+    bound = 4 * e['bound']['floats']
+    ok = extra <= bound
+    note = ('yes' if ok else f'**no**, by {extra - bound} B')
+    if not ok and extra - bound <= 4:
+      note += ' (MAC\'s global int32 step counter)'
+    lines.append(f'| {m} | {e["bound"]["layers"]} | {extra:,} | {bound:,} | '
+                 f'{note} |')
+    summary.append(f'{m}: MAC state {mac["state_bytes"] / sgd["state_bytes"]:.3f}'
+                   f'× SGD-momentum' + (
+                       f', kfac-jax {e["opt"]["kfac"]["state_bytes"] / sgd["state_bytes"]:.1f}×'
+                       if 'state_bytes' in e['opt'].get('kfac', {}) else ''))
+  lines.append('')
+
+
+def _scaling(out, lines, summary, outdir, plt):
+  sc = out.get('scaling')
+  if not sc:
+    return
+  lines += ['## 3. Scaling with layer width', '',
+            f'MLP `d → d → d → 10` (two d×d layers), batch {sc["batch"]}, '
+            f'random inputs; per-step time (min over repeats, {sc["inner"]} '
+            f'steps each, interleaved) and overhead over SGD-momentum. '
+            f'kfac-jax inverts its factors every {steps.KFAC_INVERSE_EVERY} '
+            'steps (amortized in the average).', '',
+            '| d | SGD ms | MAC ms | kfac-jax ms | MAC / SGD | kfac-jax / SGD |'
+            ' MAC overhead ms | kfac-jax overhead ms |',
+            '|---|---|---|---|---|---|---|---|']
+  xs, mac_r, kfac_r, kfac_x = [], [], [], []
+  for d in sc['widths']:
+    row = sc['rows'].get(str(d), sc['rows'].get(d, {}))
+    def cell(o):
+      r = row.get(o, {})
+      if 'min' in r:
+        return _ms(r['min'])
+      if 'error' in r:
+        return f'fails: `{r["error"][:80]}`'
+      if 'skipped' in r:
+        return 'not run (budget)'
+      return '–'
+    base = row.get('sgd', {}).get('min')
+    ratio = lambda o: (f'{row[o]["min"] / base:.2f}×'
+                       if base and 'min' in row.get(o, {}) else '–')
+    over = lambda o: (f'{1e3 * (row[o]["min"] - base):.2f}'
+                      if base and 'min' in row.get(o, {}) else '–')
+    lines.append(f'| {d} | {cell("sgd")} | {cell("mac")} | {cell("kfac")} | '
+                 f'{ratio("mac")} | {ratio("kfac")} | {over("mac")} | '
+                 f'{over("kfac")} |')
+    if base and 'min' in row.get('mac', {}):
+      xs.append(d)
+      mac_r.append(row['mac']['min'] / base)
+    if base and 'min' in row.get('kfac', {}):
+      kfac_x.append(d)
+      kfac_r.append(row['kfac']['min'] / base)
+  if sc.get('skipped'):
+    lines += [''] + [f'- {LABEL[o]}: {t}' for o, t in sc['skipped'].items()]
+  lines.append('')
+  if xs:
+    summary.append(f'width {xs[-1]}: MAC {mac_r[-1]:.2f}× SGD' + (
+        f'; kfac-jax {kfac_r[-1]:.2f}× SGD at width {kfac_x[-1]}'
+        if kfac_r else ''))
+  if plt and xs:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(xs, mac_r, 'o-', color=COLORS['mac'], label='MAC')
+    if kfac_r:
+      ax.plot(kfac_x, kfac_r, 's-', color=COLORS['kfac'], label='kfac-jax')
+    ax.axhline(1.0, color='gray', lw=0.8, ls='--', label='SGD-momentum')
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ax.set_xlabel('layer width d')
+    ax.set_ylabel('step time / SGD-momentum step time')
+    ax.set_title('Step-time overhead vs width (MLP, CPU)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(outdir, 'scaling.png'), dpi=110)
+    plt.close(fig)
+    lines += ['![scaling](scaling.png)', '']
+
+
+def _capture(out, lines, summary):
+  cp = out.get('capture')
+  if not cp:
+    return
+  lines += ['## 4. Capture overhead (forward pass only)', '',
+            f'Jitted `model.apply` with and without `mac_optax.linen.capture()`'
+            f' (`mutable=["intermediates"]`), same parameters and batch as §1, '
+            f'{cp["inner"]} calls per repeat, {cp["repeats"]} interleaved '
+            'repeats.', '',
+            '| model | plain ms (min / med) | capture ms (min / med) | '
+            'ratio (min / med) |', '|---|---|---|---|']
+  for m, r in cp['models'].items():
+    p, c = r['plain'], r['capture']
+    lines.append(f'| {m} | {_ms(p["min"])} / {_ms(p["median"])} | '
+                 f'{_ms(c["min"])} / {_ms(c["median"])} | '
+                 f'{c["min"] / p["min"]:.2f}× / '
+                 f'{c["median"] / p["median"]:.2f}× |')
+    summary.append(f'{m}: capture {c["min"] / p["min"]:.2f}× plain forward')
+  lines.append('')
+
+
+def _final(curve, metric):
+  if 'error' in curve or not curve['step']:
+    return float('nan')
+  return curve['acc'][-1] if metric == 'accuracy' else curve['loss'][-1]
+
+
+def _score(vals, metric):
+  vals = [v if math.isfinite(v) else (-1 if metric == 'accuracy' else 1e9)
+          for v in vals]
+  m = float(np.mean(vals))
+  return m if metric == 'accuracy' else -m
+
+
+def _pm(vals, fmt='{:.3f}'):
+  vals = np.asarray(vals, float)
+  if not np.all(np.isfinite(vals)):
+    bad = int((~np.isfinite(vals)).sum())
+    good = vals[np.isfinite(vals)]
+    return (f'diverged in {bad}/{len(vals)}' + (
+        f' (others {fmt.format(good.mean())})' if len(good) else ''))
+  return f'{fmt.format(vals.mean())} ± {fmt.format(vals.std())}'
+
+
+def _converge(out, lines, summary, outdir, plt, appendix):
+  cv = out.get('converge')
+  if not cv:
+    return
+  lines += ['## 5. Convergence on real data', '',
+            f'Every optimizer: the same model, data, batch, number of steps '
+            f'and cosine learning-rate decay to 0; a learning-rate grid of '
+            f'the same size and spacing for each (×⅓, ×1, ×3 around its usual '
+            f'default; MAC and SGD-momentum share theirs) and seeds '
+            f'{cv["seeds"]} (initialisation and batch order). The best '
+            f'learning rate of each optimizer is the one with the best mean '
+            f'final test metric; the full grid is in the appendix. Time to '
+            f'target: training wall-clock (train steps only, evaluation '
+            f'excluded, compile excluded) until the first evaluation (every '
+            f'{cv["eval_every"]} steps) that reaches the target, mean over the '
+            f'seeds that reach it. Momentum 0.9 for SGD, MAC and kfac-jax; '
+            f'AdamW weight decay {steps.ADAMW_WD}; MAC λ={steps.MAC_DAMPING}, '
+            f'β={steps.MAC_STAT_DECAY}; kfac-jax damping {steps.KFAC_DAMPING},'
+            f' inverses every {steps.KFAC_INVERSE_EVERY} steps.', '']
+  grid_lines = ['| task | optimizer | lr | final metric (mean ± std) | '
+                'final test loss | reached target | train s |',
+                '|---|---|---|---|---|---|---|']
+  for tname, t in cv['tasks'].items():
+    if 'error' in t:
+      lines += [f'### {tname}', '', f'Not run: `{t["error"]}`', '']
+      continue
+    metric = t['metric']
+    mname = 'test accuracy' if metric == 'accuracy' else 'validation loss'
+    lines += [f'### {tname}', '',
+              f'{t["desc"]}; {t["params"]:,} parameters; {t["train"]} train / '
+              f'{t["test"]} test examples; {t["steps"]} steps of batch '
+              f'{t["batch"]}; target {mname} '
+              f'{"≥" if metric == "accuracy" else "≤"} {t["target"]}.', '',
+              f'| optimizer | best lr | final {mname} | final test loss | '
+              f'reached target | steps to target | s to target | train s '
+              f'(all steps) |', '|---|---|---|---|---|---|---|---|']
+    best_curves = {}
+    for o in OPTS:
+      r = t['opt'].get(o)
+      if r is None:
+        continue
+      if 'error' in r:
+        lines.append(f'| {LABEL[o]} | {_err(r)} | | | | | | |')
+        grid_lines.append(f'| {tname} | {LABEL[o]} | – | {_err(r)} | | | |')
+        continue
+      scored = []
+      for lr, curves in r['runs'].items():
+        ok = [c for c in curves if 'error' not in c]
+        finals = [_final(c, metric) for c in curves]
+        losses = [c['loss'][-1] if 'error' not in c and c['loss']
+                  else float('nan') for c in curves]
+        hits = [c['hit'] for c in ok if c['hit'][0] is not None]
+        secs = [c['time'][-1] for c in ok if c['time']]
+        errs = [c['error'] for c in curves if 'error' in c]
+        scored.append((_score(finals, metric), lr, curves, finals, losses,
+                       hits, secs, errs))
+        grid_lines.append(
+            f'| {tname} | {LABEL[o]} | {lr} | {_pm(finals)} | '
+            f'{_pm(losses)} | {len(hits)}/{len(curves)} | '
+            f'{np.mean(secs) if secs else float("nan"):.1f} |' +
+            (f' errors: `{errs[0]}`' if errs else ''))
+      scored.sort(key=lambda s: s[0], reverse=True)
+      _, lr, curves, finals, losses, hits, secs, _ = scored[0]
+      best_curves[o] = (lr, [c for c in curves if 'error' not in c])
+      steps_hit = (f'{np.mean([h[0] for h in hits]):.0f}' if hits else '–')
+      time_hit = (f'{np.mean([h[1] for h in hits]):.2f}' if hits else '–')
+      lines.append(f'| {LABEL[o]} | {lr} | {_pm(finals)} | {_pm(losses)} | '
+                   f'{len(hits)}/{len(curves)} | {steps_hit} | {time_hit} | '
+                   f'{np.mean(secs) if secs else float("nan"):.1f} |')
+      best_final = np.mean(finals)
+      summary_key = f'{tname} {LABEL[o]}'
+      summary.append(f'{summary_key}: {mname} {_pm(finals)} (lr {lr})'
+                     if o in ('mac', 'sgd', 'adamw', 'kfac') else '')
+      del best_final
+    lines.append('')
+    if plt and best_curves:
+      fname = f'converge_{tname.replace("-", "_").lower()}.png'
+      fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+      for o, (lr, curves) in best_curves.items():
+        if not curves:
+          continue
+        n = min(len(c['step']) for c in curves)
+        if n == 0:
+          continue
+        ys = np.array([c['loss'][:n] for c in curves], float)
+        ts = np.array([c['time'][:n] for c in curves], float).mean(0)
+        st = np.array(curves[0]['step'][:n])
+        mean, std = ys.mean(0), ys.std(0)
+        for ax, x in ((axes[0], st), (axes[1], ts)):
+          ax.plot(x, mean, color=COLORS[o], label=f'{LABEL[o]} (lr {lr})')
+          ax.fill_between(x, mean - std, mean + std, color=COLORS[o],
+                          alpha=0.2)
+      axes[0].set_xlabel('step')
+      axes[1].set_xlabel('training wall-clock (s)')
+      for ax in axes:
+        ax.set_ylabel('test loss')
+        ax.set_yscale('log')
+        ax.grid(alpha=0.3)
+      axes[0].legend(fontsize=8)
+      fig.suptitle(f'{tname}: test loss, best lr, mean ± std over seeds')
+      fig.tight_layout()
+      fig.savefig(os.path.join(outdir, fname), dpi=100)
+      plt.close(fig)
+      lines += [f'![{tname}]({fname})', '']
+  appendix += ['## Appendix: the whole learning-rate grid', ''] + grid_lines
+
+
+def write(out: dict, outdir: str):
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except Exception:  # pylint: disable=broad-except
+    plt = None
+  lines, appendix = [], []
+  summaries = {k: [] for k in ('speed', 'memory', 'scaling', 'capture',
+                               'converge')}
+  _speed(out, lines, summaries['speed'])
+  _memory(out, lines, summaries['memory'])
+  _scaling(out, lines, summaries['scaling'], outdir, plt)
+  _capture(out, lines, summaries['capture'])
+  _converge(out, lines, summaries['converge'], outdir, plt, appendix)
+
+  runs = out.get('machine_runs', {})
+  first = next(iter(runs.values()), {})
+  v = first.get('versions', {})
+  head = ['# Benchmarks: MAC vs SGD-momentum, AdamW and kfac-jax', '',
+          '_Generated by `benchmarks/run.py'
+          + (' --quick' if out.get('quick') else '') +
+          '`; do not edit by hand (commentary lives in '
+          '`benchmarks/notes.md`)._', '']
+  if out.get('quick'):
+    head += ['**This is a `--quick` run: small shapes, one seed, one learning '
+             'rate. Not the published numbers.**', '']
+  head += ['## Machine', '',
+           f'- CPU: {first.get("cpu", "?")}, `nproc` = '
+           f'{first.get("nproc", "?")}; JAX devices: '
+           f'{", ".join(first.get("devices", []))}. No GPU/TPU was available '
+           'to this session (the device tool reported none), so every '
+           'number is XLA:CPU.',
+           '- Versions: ' + ', '.join(f'{k} {val}' for k, val in v.items()),
+           '- Sections (date, seconds, `/proc/loadavg` at start → end):']
+  for name, r in runs.items():
+    head.append(f'  - {name}: {r.get("date")}, {r.get("seconds", 0):.0f} s, '
+                f'load {r.get("load")} → {r.get("load_end")}')
+  head += ['', 'The two cores were shared with other jobs during the run (the '
+           'load averages above, far above 2, show it). Interleaving the '
+           'optimizers in one process keeps the *ratios* comparable; absolute '
+           'milliseconds and wall-clock times are inflated and noisy.', '']
+  notes = os.path.join(outdir, 'notes.md')
+  if os.path.exists(notes):
+    with open(notes) as f:
+      head += [f.read().strip(), '']
+  head += ['## Summary (generated)', '']
+  for k, vals in summaries.items():
+    vals = [x for x in vals if x]
+    if vals:
+      head.append(f'- **{k}**: ' + '; '.join(vals))
+  head.append('')
+  with open(os.path.join(outdir, 'RESULTS.md'), 'w') as f:
+    f.write('\n'.join(head + lines + appendix) + '\n')
