@@ -37,6 +37,7 @@ import threading
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from flax import nnx
+from flax.nnx.nn import attention as nnx_attention
 import jax
 import jax.numpy as jnp
 
@@ -366,7 +367,7 @@ def _mixed_value_mean(module: nnx.MultiHeadAttention, query: jax.Array,
   if module.normalize_qk:
     query = module.query_ln(query)
     key = module.key_ln(key)
-  probs = nnx.dot_product_attention_weights(
+  probs = nnx_attention.dot_product_attention_weights(
       query, key, mask=mask, deterministic=True, dtype=module.dtype,
       precision=module.precision, is_causal=is_causal)
   return mixed_mean(probs, inputs_v)

@@ -1,0 +1,638 @@
+"""NNX capture: same statistics and updates as linen, dense references, nnx.Optimizer."""
+
+import threading
+
+import flax.linen as nn
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mac_optax
+from mac_optax import linen as mac_linen
+from mac_optax import nnx as mac_nnx
+from tests import reference
+
+# Deprecated NNX calls (e.g. `Module.sow` outside `nnx.capture`) must not be
+# reached from our code.
+pytestmark = pytest.mark.filterwarnings('error::DeprecationWarning')
+
+DAMPING = 0.5
+
+
+def _normal(shape, seed, shift=0.0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) + shift,
+                     jnp.float32)
+
+
+def _init(key, shape, dtype=jnp.float32):
+  """A NumPy initializer seeded by the NNX key: no XLA compile per shape."""
+  seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+  fan_in = max(1, int(np.prod(shape[:-1])))
+  values = np.random.default_rng(seed).normal(size=shape) / np.sqrt(fan_in)
+  return jnp.asarray(values, dtype)
+
+
+INIT = dict(kernel_init=_init, bias_init=_init)
+
+
+def _random_like(tree, seed=1):
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  return jax.tree_util.tree_unflatten(
+      treedef, [_normal(l.shape, seed + i) for i, l in enumerate(leaves)])
+
+
+def _nnx_capture(module, *args, call=None, jit=True):
+  """``call(module, *args)`` under both captures (jitted: one compile)."""
+  fn = call or (lambda m, *a: m(*a))
+
+  def run(module, *args):
+    with mac_nnx.capture():
+      return nnx.capture(fn, nnx.Intermediate)(module, *args)
+  return nnx.jit(run)(module, *args) if jit else run(module, *args)
+
+
+def _mac_update(grads, inter):
+  tx = mac_optax.mac(DAMPING)
+  return jax.jit(lambda g, i: tx.update(g, tx.init(g), intermediates=i)[0])(
+      grads, inter)
+
+
+def _nnx_updates(model, inter, seed=1):
+  """MAC updates of random gradients shaped like `model`'s params (pure dicts)."""
+  grads = _random_like(nnx.state(model, nnx.Param), seed)
+  updates = _mac_update(grads, inter)
+  return nnx.to_pure_dict(grads), nnx.to_pure_dict(updates)
+
+
+def _linen_updates(model, params, x, seed=1):
+  """Linen capture + MAC updates with the same random gradients."""
+  @jax.jit
+  def forward(params, x):
+    with mac_linen.capture():
+      y, v = model.apply({'params': params}, x, mutable=['intermediates'])
+    return y, v['intermediates']
+
+  y, inter = forward(params, x)
+  return y, inter, _mac_update(_random_like(params, seed), inter)
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  a_leaves, a_def = jax.tree_util.tree_flatten(a)
+  b_leaves, b_def = jax.tree_util.tree_flatten(b)
+  assert a_def == b_def, (a_def, b_def)
+  for x, y in zip(a_leaves, b_leaves):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol)
+
+
+def _functional(layer):
+  """``(kernel, bias, x) -> layer(x)`` with the layer's own forward pass."""
+  graphdef, state = nnx.split(layer)
+
+  def apply(kernel, bias, x):
+    values = {'kernel': kernel}
+    if bias is not None:
+      values['bias'] = bias
+    new_state = jax.tree_util.tree_map(lambda v: v, state)
+    nnx.replace_by_pure_dict(new_state, values)
+    return nnx.merge(graphdef, new_state)(x)
+
+  return apply
+
+
+def _check_against_dense(layer, x, inter, grads, updates, n_out=1):
+  """The update equals ``λ(āāᵀ+λI)⁻¹Ĝ`` with ā from differentiating the layer."""
+  kernel = layer.kernel[...]
+  bias = layer.bias[...] if layer.bias is not None else None
+  means = jax.jit(lambda k, b, x: reference.column_means(
+      _functional(layer), k, b, x, n_out))(kernel, bias, x)
+  expected_k, expected_b = reference.dense_update(
+      grads['kernel'], grads.get('bias'), means, DAMPING)
+  reference.assert_close(updates['kernel'], expected_k)
+  if bias is not None:
+    reference.assert_close(updates['bias'], expected_b)
+  assert not np.allclose(updates['kernel'], grads['kernel'])
+
+
+# --------------------------------------------------------------------------
+# Layer by layer: NNX == linen == dense reference.
+
+
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_linear_matches_linen_and_dense_reference(use_bias):
+  x = _normal((3, 5, 4), 0, 1.0)
+  layer = nnx.Linear(4, 6, use_bias=use_bias, rngs=nnx.Rngs(0), **INIT)
+  y, inter = _nnx_capture(layer, x)
+  np.testing.assert_array_equal(y, layer(x))
+  assert inter[mac_optax.MEAN][0].shape == (1, 4)
+  grads, updates = _nnx_updates(layer, inter)
+  _check_against_dense(layer, x, inter, grads, updates)
+
+  params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  y_lin, inter_lin, updates_lin = _linen_updates(
+      nn.Dense(6, use_bias=use_bias), params, x)
+  np.testing.assert_allclose(y, y_lin, rtol=1e-6)
+  _assert_trees_close(inter[mac_optax.MEAN][0],
+                      inter_lin[mac_optax.MEAN][0])
+  _assert_trees_close(updates, updates_lin)
+
+
+def test_linear_general_matches_linen_and_dense_reference():
+  x = _normal((2, 3, 4, 5), 0, 0.5)
+  layer = nnx.LinearGeneral((3, 5), (2, 4), axis=(1, -1), rngs=nnx.Rngs(0),
+                            **INIT)
+  y, inter = _nnx_capture(layer, x)
+  assert inter[mac_optax.MEAN][0].shape == (1, 15)
+  grads, updates = _nnx_updates(layer, inter)
+  _check_against_dense(layer, x, inter, grads, updates, n_out=2)
+
+  params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  y_lin, _, updates_lin = _linen_updates(
+      nn.DenseGeneral((2, 4), axis=(1, -1)), params, x)
+  np.testing.assert_allclose(y, y_lin, rtol=1e-5, atol=1e-6)
+  _assert_trees_close(updates, updates_lin)
+
+
+def test_linear_general_with_batch_axis_is_rejected():
+  layer = nnx.LinearGeneral(3, 2, batch_axis={0: 2}, rngs=nnx.Rngs(0),
+                            **INIT)
+  with pytest.raises(ValueError, match='batch_axis'):
+    _nnx_capture(layer, jnp.ones((2, 3)))
+
+
+CONV_CASES = {
+    'valid_stride2': dict(kernel_size=(3, 3), strides=2, padding='VALID'),
+    'circular_stride': dict(kernel_size=(3, 3), strides=(2, 1),
+                            padding='CIRCULAR'),
+    'pads_dilations': dict(kernel_size=(2, 2), kernel_dilation=2,
+                           input_dilation=(1, 2), padding=((1, 0), (2, 1))),
+    'groups_reflect_no_bias': dict(kernel_size=(3, 3), feature_group_count=2,
+                                   padding='REFLECT', use_bias=False),
+    'causal_1d': dict(kernel_size=(3,), padding='CAUSAL', kernel_dilation=2),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CONV_CASES))
+def test_conv_matches_linen_and_dense_reference(case):
+  kwargs = dict(CONV_CASES[case])
+  one_d = len(kwargs['kernel_size']) == 1
+  x = _normal((2, 7, 4) if one_d else (2, 6, 5, 4), 0, 1.0)
+  layer = nnx.Conv(4, 6, rngs=nnx.Rngs(0), **INIT, **kwargs)
+  y, inter = _nnx_capture(layer, x)
+  groups = kwargs.get('feature_group_count', 1)
+  assert inter[mac_optax.MEAN][0].shape[0] == groups
+  grads, updates = _nnx_updates(layer, inter)
+  _check_against_dense(layer, x, inter, grads, updates)
+
+  params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  linen_kwargs = dict(kwargs)
+  y_lin, inter_lin, updates_lin = _linen_updates(
+      nn.Conv(6, **linen_kwargs), params, x)
+  np.testing.assert_allclose(y, y_lin, rtol=1e-5, atol=1e-5)
+  _assert_trees_close(inter[mac_optax.MEAN][0], inter_lin[mac_optax.MEAN][0])
+  _assert_trees_close(updates, updates_lin)
+
+
+class TiedLM(nnx.Module):
+  """Token embedding whose table is also the output layer."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(7, 4, embedding_init=_init, rngs=rngs)
+    self.hidden = nnx.Linear(4, 4, rngs=rngs, **INIT)
+
+  def __call__(self, tokens):
+    return self.embed.attend(self.hidden(self.embed(tokens)))
+
+
+class TiedLMLinen(nn.Module):
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(7, 4, name='embed')
+    return embed.attend(nn.Dense(4, name='hidden')(embed(tokens)))
+
+
+def test_tied_embedding_matches_linen_and_dense_reference():
+  model = TiedLM(nnx.Rngs(0))
+  tokens = jnp.array([[1, 2, 3], [4, 5, 6]])
+  y, inter = _nnx_capture(model, tokens, jit=False)   # eager
+  assert mac_optax.ATTEND_MEAN in inter['embed']
+  assert mac_optax.MEAN not in inter['embed']   # lookups are left alone
+  grads, updates = _nnx_updates(model, inter)
+
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  y_lin, _, updates_lin = _linen_updates(TiedLMLinen(), params, tokens)
+  np.testing.assert_allclose(y, y_lin, rtol=1e-5, atol=1e-6)
+  _assert_trees_close(updates, updates_lin)
+
+  # Dense reference: the attend layer is h @ Eᵀ with h the hidden output.
+  h = model.hidden(model.embed(tokens))
+  table_t = model.embed.embedding[...].T
+  means = reference.column_means(lambda k, b, x: x @ k, table_t, None, h)
+  expected, _ = reference.dense_update(grads['embed']['embedding'].T, None,
+                                       means, DAMPING)
+  reference.assert_close(updates['embed']['embedding'].T, expected)
+
+
+# --------------------------------------------------------------------------
+# Attention.
+
+
+def _attention_reference(mha, x_q, x_kv, mask, is_causal):
+  """Explicit probabilities ``P [B,H,Nq,Nk]`` and mixed values, in NumPy."""
+  x_q, x_kv = np.asarray(x_q, np.float64), np.asarray(x_kv, np.float64)
+
+  def project(x, layer):
+    return (np.einsum('bnd,dhk->bnhk', x, np.asarray(layer.kernel[...]))
+            + np.asarray(layer.bias[...]))
+
+  q, k, v = project(x_q, mha.query), project(x_kv, mha.key), project(
+      x_kv, mha.value)
+  logits = np.einsum('bqhk,bshk->bhqs', q, k) / np.sqrt(q.shape[-1])
+  allowed = np.ones(logits.shape, bool)
+  if mask is not None:
+    allowed &= np.broadcast_to(np.asarray(mask, bool), logits.shape)
+  if is_causal:
+    allowed &= np.tril(np.ones(logits.shape[-2:], bool))
+  logits = np.where(allowed, logits, -1e30)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return probs, np.einsum('bhqs,bshk->bqhk', probs, v)
+
+
+@pytest.mark.parametrize('kind', ['causal_self', 'cross_padding_mask'])
+def test_attention_factors_match_dense_reference(kind):
+  b, n_q, n_kv, d, heads = 2, 4, 5, 6, 2
+  mha = nnx.MultiHeadAttention(heads, d, qkv_features=8, decode=False,
+                               rngs=nnx.Rngs(0), **INIT)
+  x_q = _normal((b, n_q, d), 0, 0.5)
+  if kind == 'causal_self':
+    x_kv, mask, is_causal = x_q, None, True
+    call = lambda m, x: m(x, is_causal=True)
+    args = (x_q,)
+  else:
+    x_kv = _normal((b, n_kv, d), 1, -0.3)
+    keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    mask = np.asarray(keep[:, None, None, :])       # [B, 1, 1, Nk] padding
+    is_causal = False
+    call = lambda m, x: m(x[0], x[1], mask=mask)
+    args = ((x_q, x_kv),)
+  y, inter = _nnx_capture(mha, *args, call=call)
+  np.testing.assert_array_equal(y, nnx.jit(call)(mha, *args))
+  for name in ('query', 'key', 'value', 'out'):
+    assert len(inter[name][mac_optax.MEAN]) == 1, name
+  probs, mixed_out = _attention_reference(mha, x_q, x_kv, mask, is_causal)
+  out_kernel = np.asarray(mha.out.kernel[...])
+  np.testing.assert_allclose(
+      y, np.einsum('bqhk,hkd->bqd', mixed_out, out_kernel)
+      + np.asarray(mha.out.bias[...]), rtol=1e-4, atol=1e-5)
+  # Value factor: E_{b,h,i} Σ_j P_bhij x_bj, from the explicit probabilities.
+  x_q64, x_kv64 = np.asarray(x_q, np.float64), np.asarray(x_kv, np.float64)
+  expected_means = {
+      'query': x_q64.mean((0, 1)),
+      'key': x_kv64.mean((0, 1)),
+      'value': np.einsum('bhqs,bsd->d', probs, x_kv64) / (b * heads * n_q),
+      'out': mixed_out.reshape(b * n_q, -1).mean(0),
+  }
+  assert not np.allclose(expected_means['value'], expected_means['key'],
+                         atol=1e-3)
+  grads, updates = _nnx_updates(mha, inter)
+  for name, mean in expected_means.items():
+    np.testing.assert_allclose(inter[name][mac_optax.MEAN][0][0], mean,
+                               rtol=1e-5, atol=1e-6)
+    g_k, g_b = grads[name]['kernel'], grads[name]['bias']
+    d_out = int(np.prod(g_b.shape))
+    means = np.tile(np.append(mean, 1.0), (d_out, 1))
+    expected_k, expected_b = reference.dense_update(g_k, g_b, means, DAMPING)
+    reference.assert_close(updates[name]['kernel'], expected_k)
+    reference.assert_close(updates[name]['bias'], expected_b)
+  # Nothing of size B·H·N·N is captured.
+  sizes = [np.size(l) for l in jax.tree_util.tree_leaves(inter)]
+  assert max(sizes) < b * heads * n_q * n_kv
+
+
+# --------------------------------------------------------------------------
+# Mechanism: restore, nesting, threads, no side effects.
+
+
+def _patched_methods():
+  return {(cls, name): cls.__dict__[name] for cls, name in [
+      (nnx.Linear, '__call__'), (nnx.LinearGeneral, '__call__'),
+      (nnx.Conv, '__call__'), (nnx.Embed, 'attend'),
+      (nnx.MultiHeadAttention, '__call__')]}
+
+
+def test_classes_are_restored_on_exit_nesting_and_exceptions():
+  before = _patched_methods()
+  with mac_nnx.capture():
+    assert _patched_methods() != before
+    with mac_nnx.capture():
+      pass
+    assert _patched_methods() != before   # still active in the outer one
+  assert _patched_methods() == before
+  with pytest.raises(RuntimeError):
+    with mac_nnx.capture():
+      raise RuntimeError('boom')
+  assert _patched_methods() == before
+
+
+def test_model_is_unchanged_outside_nnx_capture_and_outside_the_context():
+  model = TiedLM(nnx.Rngs(0))
+  tokens = jnp.array([[1, 2, 3]])
+  plain = model(tokens)
+  state_before = nnx.state(model)
+  with mac_nnx.capture():
+    inside = model(tokens)                    # no nnx.capture: no sowing
+    _, inter = nnx.capture(model, nnx.Intermediate)(tokens)
+  np.testing.assert_array_equal(inside, plain)
+  np.testing.assert_array_equal(model(tokens), plain)
+  _assert_trees_close(nnx.state(model), state_before)
+  assert not hasattr(model.hidden, mac_optax.MEAN)
+  _, outside = nnx.capture(model, nnx.Intermediate)(tokens)
+  assert not jax.tree_util.tree_leaves(outside)
+  assert jax.tree_util.tree_leaves(inter)
+
+
+def test_other_threads_are_not_captured():
+  layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0), **INIT)
+  x = jnp.ones((2, 3))
+  entered, done, result = threading.Event(), threading.Event(), {}
+
+  def other():
+    entered.wait()
+    result['inter'] = nnx.capture(layer, nnx.Intermediate)(x)[1]
+    done.set()
+
+  thread = threading.Thread(target=other)
+  thread.start()
+  with mac_nnx.capture():
+    entered.set()
+    done.wait(30)
+  thread.join()
+  assert not jax.tree_util.tree_leaves(result['inter'])
+
+
+class MyLinear(nnx.Module):
+  """A hand-written layer using the public sowing helpers."""
+
+  def __init__(self, rngs):
+    self.kernel = nnx.Param(_init(rngs.params(), (4, 3)))
+
+  def __call__(self, x):
+    mac_nnx.sow_mean(self, mac_nnx.input_mean(x))
+    return x @ self.kernel[...]
+
+
+def test_sow_mean_in_a_custom_module_and_noop_outside_capture():
+  layer = MyLinear(nnx.Rngs(0))
+  x = _normal((5, 4), 0)
+  _, inter = nnx.capture(layer, nnx.Intermediate)(x)
+  np.testing.assert_allclose(inter[mac_optax.MEAN][0][0], x.mean(0),
+                             rtol=1e-6)
+  layer(x)                                     # no deprecated sow outside
+  assert not hasattr(layer, mac_optax.MEAN)
+  grads, updates = _nnx_updates(layer, inter)
+  assert not np.allclose(updates['kernel'], grads['kernel'])
+
+
+# --------------------------------------------------------------------------
+# Stacked layers, the transform's input forms, nnx.Optimizer.
+
+
+class Block(nnx.Module):
+
+  def __init__(self, d, rngs):
+    self.mlp = nnx.Linear(d, d, rngs=rngs, **INIT)
+
+  def __call__(self, x):
+    return x + nnx.relu(self.mlp(x))
+
+
+def _stacked_blocks(depth, d, rngs):
+  """``depth`` blocks stacked on a leading axis (as `nnx.vmap` creates them)."""
+  blocks = [Block(d, rngs) for _ in range(depth)]
+  graphdef = nnx.graphdef(blocks[0])
+  states = [nnx.state(b) for b in blocks]
+  return nnx.merge(graphdef, jax.tree_util.tree_map(
+      lambda *v: jnp.stack(v), *states))
+
+
+class ScanNet(nnx.Module):
+  """Conv stem, `nnx.scan` over stacked blocks, Linear head."""
+
+  def __init__(self, rngs, depth=3, d=8, remat=False):
+    self.conv = nnx.Conv(1, 2, (3, 3), strides=2, rngs=rngs, **INIT)
+    self.proj = nnx.Linear(32, d, rngs=rngs, **INIT)
+    self.remat = remat
+    self.blocks = _stacked_blocks(depth, d, rngs)
+    self.head = nnx.Linear(d, 10, rngs=rngs, **INIT)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv(x)).reshape(x.shape[0], -1)
+    x = self.proj(x)
+    call = nnx.remat(lambda block, x: block(x)) if self.remat else (
+        lambda block, x: block(x))
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return call(block, x)
+
+    return self.head(body(x, self.blocks))
+
+
+def _data(n=6):
+  return _normal((n, 8, 8, 1), 3), jnp.asarray(np.arange(n) % 10)
+
+
+def _unrolled_block_means(model, x):
+  """Each block's input mean, running the blocks one by one in Python."""
+  h = model.proj(nnx.relu(model.conv(x)).reshape(x.shape[0], -1))
+  graphdef, stacked = nnx.split(model.blocks)
+  means = []
+  for i in range(stacked['mlp']['kernel'].shape[0]):
+    block = nnx.merge(graphdef, jax.tree_util.tree_map(lambda v: v[i],
+                                                       stacked))
+    means.append(h.mean(0))
+    h = block(h)
+  return jnp.stack(means)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scan_stacked_blocks_get_stacked_statistics(remat):
+  model = ScanNet(nnx.Rngs(0), remat=remat)
+  x, _ = _data()
+  _, inter = _nnx_capture(model, x)
+  stacked = inter['blocks']['mlp'][mac_optax.MEAN][0]
+  assert stacked.shape == (3, 1, 8)
+  unrolled = nnx.jit(_unrolled_block_means)(model, x)
+  np.testing.assert_allclose(stacked[:, 0], unrolled,
+                             rtol=1e-5, atol=1e-6)
+  like = mac_nnx.intermediates_like(model, x)
+  assert jax.tree_util.tree_map(lambda s: s.shape, like) == \
+      jax.tree_util.tree_map(jnp.shape, inter)
+  # Every block is preconditioned with its own mean.
+  grads, updates = _nnx_updates(model, inter)
+  for i in range(3):
+    g_k = grads['blocks']['mlp']['kernel'][i]
+    g_b = grads['blocks']['mlp']['bias'][i]
+    means = np.tile(np.append(np.asarray(stacked[i, 0]), 1.0), (8, 1))
+    expected_k, expected_b = reference.dense_update(g_k, g_b, means, DAMPING)
+    reference.assert_close(updates['blocks']['mlp']['kernel'][i], expected_k)
+    reference.assert_close(updates['blocks']['mlp']['bias'][i], expected_b)
+
+
+class ListNet(nnx.Module):
+  """Layers in an `nnx.List` (integer path entries)."""
+
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(4, 4, rngs=rngs, **INIT)
+                           for _ in range(2)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = nnx.relu(layer(x))
+    return x
+
+
+def test_intermediates_as_state_pure_state_or_dict_give_the_same_update():
+  model = ListNet(nnx.Rngs(0))
+  _, inter = _nnx_capture(model, _normal((3, 4), 0))
+  assert set(inter['layers']) == {0, 1}
+  grads = _random_like(nnx.state(model, nnx.Param))
+  tx = mac_optax.mac(DAMPING)
+  state = tx.init(grads)
+  update = jax.jit(lambda g, i: tx.update(g, state, intermediates=i)[0])
+  results = [
+      update(g, i)
+      for g, i in [(grads, inter),
+                   (nnx.as_pure(grads), nnx.as_pure(inter)),
+                   (nnx.to_pure_dict(grads), nnx.to_pure_dict(inter))]]
+  expected = nnx.to_pure_dict(results[0])
+  assert not np.allclose(expected['layers'][1]['kernel'],
+                         nnx.to_pure_dict(grads)['layers'][1]['kernel'])
+  _assert_trees_close(nnx.to_pure_dict(results[1]), expected)
+  _assert_trees_close(results[2], expected)
+
+
+def _train(model, tx, steps, use_like=False):
+  x, y = _data()
+  if use_like:
+    tx = tx(mac_nnx.intermediates_like(model, x))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+      with mac_nnx.capture():
+        logits, inter = nnx.capture(model, nnx.Intermediate)(x)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, y).mean(), inter
+
+    (loss, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, intermediates=inter)
+    return loss
+
+  return [float(train_step(model, optimizer, x, y)) for _ in range(steps)]
+
+
+def _manual_training(model, tx, steps):
+  """The same steps on pure dicts with `jax.value_and_grad` and `tx.update`."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.as_pure(rest)
+  x, y = _data()
+  opt_state = tx.init(params)
+
+  def loss_fn(params):
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    m = nnx.merge(graphdef, state, rest)
+    with mac_nnx.capture():
+      logits, inter = nnx.capture(m, nnx.Intermediate)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, y).mean(), nnx.to_pure_dict(inter)
+
+  @jax.jit
+  def step(params, opt_state):
+    (_, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   intermediates=inter)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(steps):
+    params, opt_state = step(params, opt_state)
+  return params
+
+
+def _make_tx(like=None):
+  return optax.chain(mac_optax.mac(DAMPING, intermediates_like=like),
+                     optax.trace(0.9), optax.scale(-0.05))
+
+
+def test_nnx_optimizer_in_jit_with_scan_matches_manual_updates():
+  model = ScanNet(nnx.Rngs(0))
+  reference_params = _manual_training(ScanNet(nnx.Rngs(0)), _make_tx(), 2)
+  losses = _train(model, _make_tx, 2, use_like=True)
+  assert losses[-1] < losses[0]
+  _assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                      reference_params, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(reference_params['blocks']['mlp']['kernel'],
+                         nnx.to_pure_dict(nnx.state(
+                             ScanNet(nnx.Rngs(0)), nnx.Param))['blocks'][
+                                 'mlp']['kernel'])
+
+
+def test_nnx_optimizer_with_lazily_created_layer_state():
+  """Without `intermediates_like` the state is created at the first update."""
+  model = ListNet(nnx.Rngs(0))
+  x = _normal((6, 4), 0)
+  y = jnp.asarray(np.arange(6) % 4)
+  optimizer = nnx.Optimizer(model, _make_tx(), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    def loss_fn(model):
+      with mac_nnx.capture():
+        logits, inter = nnx.capture(model, nnx.Intermediate)(x)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits, y).mean(), inter
+
+    (loss, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads, intermediates=inter)
+    return loss
+
+  for _ in range(3):
+    train_step(model, optimizer)
+  mac_state = optimizer.opt_state[0]
+  assert sorted(mac_state.layers) == ['layers/0', 'layers/1']
+  assert int(mac_state.layers['layers/0']['count']) == 3
+
+  # Same three steps by hand.
+  expected = ListNet(nnx.Rngs(0))
+  tx = _make_tx()
+  params = nnx.to_pure_dict(nnx.state(expected, nnx.Param))
+  opt_state = tx.init(params)
+  graphdef = nnx.graphdef(expected)
+
+  def loss_fn(params):
+    state = nnx.state(expected)
+    nnx.replace_by_pure_dict(state, params)
+    with mac_nnx.capture():
+      logits, inter = nnx.capture(nnx.merge(graphdef, state),
+                                  nnx.Intermediate)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, y).mean(), inter
+
+  @jax.jit
+  def step(params, opt_state):
+    (_, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   intermediates=inter)
+    return optax.apply_updates(params, updates), opt_state
+
+  for _ in range(3):
+    params, opt_state = step(params, opt_state)
+  _assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params,
+                      rtol=1e-4, atol=1e-5)
