@@ -1,0 +1,114 @@
+"""Gradient accumulation that keeps every micro-batch's MAC statistics.
+
+``optax.MultiSteps`` averages the gradients of ``k`` micro-batches and calls
+the inner optimizer with that average, but the inner optimizer commits its
+state only on the ``k``-th micro-step: the ``intermediates=`` it sees then
+are those of the last micro-batch alone, so ``ā`` would come from ``1/k`` of
+the batch. :func:`multi_steps` wraps ``optax.MultiSteps`` and averages the
+captured statistics the same way as the gradients::
+
+    ā_acc ← ā_acc + (ā_j − ā_acc) / (j + 1)        # micro-step j = 0..k−1
+
+and passes ``ā_acc`` to the inner optimizer, so the committing step sees the
+mean of the ``k`` micro-batch means: for equal micro-batches, exactly the mean
+input of the whole batch, as if it had been processed at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class MultiStepsMacState(NamedTuple):
+  """State of :func:`multi_steps`."""
+  multi_steps: optax.MultiStepsState  # optax's accumulator and inner state
+  intermediates: Any                  # running mean of the captured statistics
+
+
+def _zeros(like):
+  return jax.tree_util.tree_map(lambda l: jnp.zeros(l.shape, l.dtype), like)
+
+
+def multi_steps(
+    opt: optax.GradientTransformation,
+    every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
+    *,
+    intermediates_like: Any,
+    **multi_steps_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.MultiSteps`` whose inner MAC sees the statistics of all micro-batches.
+
+  Every micro-step ``j`` (``0 ≤ j < k``) folds its captured statistics into a
+  running mean, like ``MultiSteps`` does with the gradients, and forwards that
+  mean as ``intermediates=``; the inner optimizer's state is committed only on
+  the last micro-step, when the running mean covers all ``k`` micro-batches.
+  Micro-steps rejected by ``should_skip_update_fn`` leave the running mean
+  unchanged; it is reset after each committed step.
+
+  The inner optimizer (any chain containing :func:`mac_optax.mac`) must
+  build its full state in ``init`` (``MultiSteps`` runs it under
+  ``lax.cond``), so pass the same ``intermediates_like`` to ``mac``.
+
+  Args:
+    opt: the inner optimizer, e.g. ``mac_optax.mac_sgd(...,
+      intermediates_like=like)``.
+    every_k_schedule: ``k``, an int or a function of the gradient step
+      (``optax.MultiSteps``'s argument).
+    intermediates_like: a pytree shaped like the captured intermediates
+      (arrays or ``jax.ShapeDtypeStruct``, e.g. from
+      :func:`mac_optax.linen.intermediates_like`). Its structure must match
+      the ``intermediates=`` given to ``update``.
+    **multi_steps_kwargs: further arguments of ``optax.MultiSteps``
+      (``use_grad_mean``, ``should_skip_update_fn``, ``accumulator_dtype``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` takes
+    ``intermediates=`` every micro-step and emits zero updates except on the
+    last micro-step of each group of ``k``.
+
+  Example:
+    >>> like = mac_optax.linen.intermediates_like(model, variables, x_micro)
+    >>> tx = mac_optax.multi_steps(
+    ...     mac_optax.mac_sgd(0.1, intermediates_like=like), 4,
+    ...     intermediates_like=like)
+    >>> # every micro-batch:
+    >>> # updates, state = tx.update(grads, state, params, intermediates=inter)
+  """
+  inner = optax.MultiSteps(opt, every_k_schedule, **multi_steps_kwargs)
+  like_treedef = jax.tree_util.tree_structure(intermediates_like)
+
+  def init_fn(params):
+    return MultiStepsMacState(multi_steps=inner.init(params),
+                              intermediates=_zeros(intermediates_like))
+
+  def update_fn(updates, state, params=None, *, intermediates=None, **extra):
+    if intermediates is None:
+      raise ValueError('mac_optax.multi_steps: update() needs the captured '
+                       'statistics as `intermediates=`.')
+    treedef = jax.tree_util.tree_structure(intermediates)
+    if treedef != like_treedef:
+      raise ValueError(
+          'mac_optax.multi_steps: the intermediates do not have the structure '
+          f'of `intermediates_like`: got {treedef}, expected {like_treedef}.')
+    old = state.multi_steps
+    count = old.mini_step.astype(jnp.float32) + 1
+    running = jax.tree_util.tree_map(
+        lambda acc, x: (acc + (x.astype(acc.dtype) - acc) / count).astype(
+            acc.dtype), state.intermediates, intermediates)
+    updates, new = inner.update(updates, old, params,
+                                intermediates=running, **extra)
+    skipped = jnp.logical_and(new.mini_step == old.mini_step,
+                              new.gradient_step == old.gradient_step)
+    emitted = new.gradient_step != old.gradient_step
+    kept = jax.tree_util.tree_map(
+        lambda acc, run: jnp.where(skipped, acc,
+                                   jnp.where(emitted, jnp.zeros_like(run),
+                                             run)),
+        state.intermediates, running)
+    return updates, MultiStepsMacState(multi_steps=new, intermediates=kept)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
