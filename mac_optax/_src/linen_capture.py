@@ -11,12 +11,15 @@ otherwise ``sow`` is a no-op and the model runs exactly as without capture.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mac_optax._src import attention as attention_lib
+from mac_optax._src import linen_attention
 from mac_optax._src import mean_inputs
 from mac_optax._src import statistics
 
@@ -154,19 +157,39 @@ def _statistic(module: nn.Module, method: str, args, kwargs
   return None
 
 
-def _interceptor(next_fun: Callable, args, kwargs, context) -> Any:
+def _lookup_statistic(module: nn.Module, method: str, args, kwargs
+                      ) -> Optional[tuple[str, jax.Array]]:
+  """Token frequencies of an ``nn.Embed`` lookup (``embed_lookup=True``)."""
+  if method == '__call__' and isinstance(module, nn.Embed):
+    return statistics.LOOKUP_MEAN, attention_lib.token_frequencies(
+        _first_input(args, kwargs), module.num_embeddings)
+  return None
+
+
+def _interceptor(next_fun: Callable, args, kwargs, context, *,
+                 tracker: Optional[linen_attention.Tracker] = None,
+                 embed_lookup: bool = False) -> Any:
   module = context.module
   if module.is_initializing() or not module.is_mutable_collection(COLLECTION):
     return next_fun(*args, **kwargs)
+  if tracker is not None and tracker.handles(module, context.method_name):
+    return tracker.call_attention(module, next_fun, args, kwargs)
   found = _statistic(module, context.method_name, args, kwargs)
-  if found is not None:
-    name, mean = found
-    module.sow(COLLECTION, name, mean)
+  if found is None and embed_lookup:
+    found = _lookup_statistic(module, context.method_name, args, kwargs)
+  if found is None:
+    return next_fun(*args, **kwargs)
+  name, mean = found
+  if tracker is not None:
+    inputs = args[0] if args else kwargs.get('inputs')
+    return tracker.sow(module, name, mean, inputs, next_fun, args, kwargs)
+  module.sow(COLLECTION, name, mean)
   return next_fun(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def capture() -> Iterator[None]:
+def capture(*, attention: str = 'exact',
+            embed_lookup: bool = False) -> Iterator[None]:
   """Sows MAC statistics from every supported layer of an unmodified model.
 
   Supported: ``nn.Dense`` (any leading axes), ``nn.DenseGeneral`` (any
@@ -176,6 +199,22 @@ def capture() -> Iterator[None]:
   (statistics stacked like the parameters) and ``nn.remat``. A layer called
   several times contributes the mean of its calls' means.
 
+  Attention (``nn.MultiHeadDotProductAttention`` and its subclasses, self
+  and cross): query, key and output projections get their plain input
+  means; the value projection gets the attention-mixed mean
+  ``E_{b,h,i}[Σ_j P_bhij x_bj]`` from the probabilities the layer computed
+  (after softmax and masks, before dropout), reduced inside the forward pass
+  (see :mod:`mac_optax._src.linen_attention`). Hand-written attention:
+  :func:`mac_optax.linen.sow_attention`.
+
+  Args:
+    attention: the value statistic: ``'exact'`` (above), ``'product_of_means'``
+      (the authors' ``Σ_j w_j x̄_j``) or ``'plain'`` (the value projection's
+      plain input mean, like any ``DenseGeneral``).
+    embed_lookup: also precondition ``nn.Embed`` lookup tables ``(V, D)``
+      along the vocabulary axis with the token frequencies of the batch
+      (the mean of the one-hot input), sown as ``mac_optax.LOOKUP_MEAN``.
+
   Example:
     >>> with mac_optax.linen.capture():
     ...   logits, v = model.apply({'params': params}, x,
@@ -183,7 +222,10 @@ def capture() -> Iterator[None]:
     >>> updates, state = tx.update(grads, state, params,
     ...                            intermediates=v['intermediates'])
   """
-  with nn.intercept_methods(_interceptor):
+  tracker = linen_attention.Tracker(attention)
+  interceptor = functools.partial(_interceptor, tracker=tracker,
+                                  embed_lookup=embed_lookup)
+  with tracker, nn.intercept_methods(interceptor):
     yield
 
 

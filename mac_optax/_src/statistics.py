@@ -13,6 +13,10 @@ same path ``p``:
   optional ``p/bias`` ``(*stack, *out_axes)``.
 * ``ATTEND_MEAN`` → ``p/embedding`` laid out ``(*stack, d_out, d_in)``
   (``Embed.attend``: the table is used transposed). No bias.
+* ``LOOKUP_MEAN`` → ``p/embedding`` laid out ``(*stack, d_in, d_out)``
+  (``Embed`` lookup: a one-hot input of size ``d_in = vocab``, mean = token
+  frequencies). No bias. A tied table may carry both embedding statistics;
+  they act on different axes and are applied one after the other.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import jax
 # Sown names. Public through `mac_optax.MEAN`/`mac_optax.ATTEND_MEAN`.
 MEAN = 'mac_mean'
 ATTEND_MEAN = 'mac_attend_mean'
+LOOKUP_MEAN = 'mac_lookup_mean'
 
 # sown name -> (parameter leaf name, is the table transposed (d_out, d_in)).
-_PARAM_OF_STAT = {MEAN: ('kernel', False), ATTEND_MEAN: ('embedding', True)}
+_PARAM_OF_STAT = {MEAN: ('kernel', False), ATTEND_MEAN: ('embedding', True),
+                  LOOKUP_MEAN: ('embedding', False)}
 
 # Keys that wrap a leaf without naming a module (NNX variables, boxed metadata).
 _WRAPPER_KEYS = ('value', 'raw_value', 'unbox')
@@ -67,7 +73,9 @@ class Layer:
 
   @property
   def key(self) -> str:
-    return '/'.join(self.path)
+    key = '/'.join(self.path)
+    # A tied table has an attend and a lookup statistic: distinct states.
+    return key + '@lookup' if self.stat_name == LOOKUP_MEAN else key
 
   @property
   def transposed(self) -> bool:

@@ -1,0 +1,201 @@
+"""Attention statistics for MAC, as pure functions on arrays.
+
+Nothing here depends on a module system: the linen capture
+(:mod:`mac_optax._src.linen_attention`), the NNX capture and hand-written
+attention modules all reduce their probabilities with these functions.
+
+For a value projection, head ``h`` at query ``i`` outputs
+``(Σ_j P_hij x_j) W_v``: the effective input of ``W_v`` is the
+attention-mixed token, so MAC preconditions it with::
+
+    exact:             ā_v = E_{b,h,i}[Σ_j P_bhij x_bj] = mean_b Σ_j w_bj x_bj
+    product of means:  ā_v = Σ_j w_j x̄_j              (the authors' formula)
+
+with ``w_bj = mean_{h,i} P_bhij`` the probability mass key ``j`` receives in
+example ``b`` (averaged over heads and queries), ``w_j = mean_b w_bj`` and
+``x̄_j = mean_b x_bj``. Query and key projections keep the plain mean ``x̄``.
+
+Probabilities are reduced to ``w_bj`` (``[*B, Nk]``) as soon as they exist,
+so no ``[B, H, Nq, Nk]`` array is ever kept for the optimizer. A
+flash-attention kernel that never materializes ``P`` gets ``w_bj`` from one
+vector-Jacobian product with a width-1 value, see
+:func:`key_weights_from_attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mac_optax._src import mean_inputs
+
+EXACT = 'exact'
+PRODUCT_OF_MEANS = 'product_of_means'
+PLAIN = 'plain'
+MODES = (EXACT, PRODUCT_OF_MEANS, PLAIN)
+
+
+def check_mode(mode: str) -> str:
+  """Validates an attention statistic mode."""
+  if mode not in MODES:
+    raise ValueError(f'mac: attention must be one of {MODES}, got {mode!r}.')
+  return mode
+
+
+def key_weights(probs: jax.Array) -> jax.Array:
+  """``w_bj = mean_{h,i} P_bhij``: the mass each key receives.
+
+  Framework-agnostic (used by the linen and NNX captures).
+
+  Args:
+    probs: ``[*B, H, Nq, Nk]`` attention probabilities (rows sum to one),
+      masks applied, before dropout.
+
+  Returns:
+    ``[*B, Nk]`` float32 (or wider) per-key weights, no gradient.
+
+  Example:
+    >>> p = jax.nn.softmax(jnp.zeros((2, 4, 3, 5)))
+    >>> key_weights(p).shape
+    (2, 5)
+  """
+  dtype = mean_inputs.stat_dtype(probs.dtype)
+  probs = jax.lax.stop_gradient(probs).astype(dtype)
+  heads, queries = probs.shape[-3], probs.shape[-2]
+  # A contraction instead of jnp.mean (XLA:CPU reduces faster as a dot).
+  ones = jnp.full((heads, queries), 1.0 / (heads * queries), dtype)
+  return jnp.einsum('...hij,hi->...j', probs, ones)
+
+
+def mixed_mean(weights: jax.Array, inputs: jax.Array,
+               mode: str = EXACT) -> jax.Array:
+  """``[1, D]`` mean attention-mixed input of a value projection.
+
+  Framework-agnostic (used by the linen and NNX captures)::
+
+      exact:             mean_b Σ_j w_bj x_bj
+      product_of_means:  Σ_j (mean_b w_bj)(mean_b x_bj)
+      plain:             mean_{b,j} x_bj          (ignores the weights)
+
+  Args:
+    weights: ``[*B, Nk]`` per-key weights from :func:`key_weights` (or
+      :func:`key_weights_from_attention`); may broadcast against the batch
+      axes of `inputs`.
+    inputs: ``[*B, Nk, D]`` input of the value projection.
+    mode: ``'exact'``, ``'product_of_means'`` or ``'plain'``.
+
+  Returns:
+    ``[1, D]`` float32 statistic (the ``[G, d_in]`` contract with ``G = 1``).
+  """
+  check_mode(mode)
+  if mode == PLAIN:
+    return mean_inputs.dense_mean(inputs)
+  dtype = mean_inputs.stat_dtype(inputs.dtype)
+  x = jax.lax.stop_gradient(inputs).astype(dtype)
+  w = jax.lax.stop_gradient(weights).astype(dtype)
+  w = jnp.broadcast_to(w, x.shape[:-1])
+  if mode == PRODUCT_OF_MEANS:
+    n = x.shape[-2]
+    w = mean_inputs.dense_mean(w[..., None, :], axis=(-2, -1))[0]   # [Nk]
+    x_bar = mean_inputs.dense_mean(x, axis=(-2, -1)).reshape(n, -1)  # [Nk, D]
+    return jnp.einsum('j,jd->d', w, x_bar)[None, :]
+  mixed = jnp.einsum('...j,...jd->...d', w, x)                      # [*B, D]
+  return mean_inputs.dense_mean(mixed)
+
+
+def grouped_statistic(inputs: jax.Array, weights: jax.Array, *,
+                      columns: str = 'qkv', mode: str = EXACT) -> jax.Array:
+  """``[G, D]`` statistic of a fused attention projection.
+
+  A fused projection ``x → [q | k | v]`` (one ``Dense`` to ``3·D``) splits
+  its output columns into ``G = len(columns)`` equal groups (the ``G``-group
+  contract of :mod:`mac_optax._src.statistics`). Groups ``'q'`` and ``'k'``
+  get the plain mean ``x̄``, group ``'v'`` the mixed mean of
+  :func:`mixed_mean`. Framework-agnostic.
+
+  Args:
+    inputs: ``[*B, N, D]`` input of the projection (queries, keys and values
+      all read it: self-attention).
+    weights: ``[*B, N]`` per-key weights (:func:`key_weights`).
+    columns: the order of the column groups, letters from ``'q'``, ``'k'``,
+      ``'v'``: ``'qkv'`` (GPT-2 ``c_attn``), ``'kv'`` (fused key/value of
+      cross-attention), ``'v'`` (a value projection alone).
+    mode: see :func:`mixed_mean`.
+
+  Returns:
+    ``[len(columns), D]`` float32.
+
+  Example:
+    >>> x = jnp.ones((2, 5, 8)); w = jnp.full((2, 5), 0.2)
+    >>> grouped_statistic(x, w).shape
+    (3, 8)
+  """
+  if not columns or set(columns) - set('qkv'):
+    raise ValueError(f"mac: columns must be letters of 'qkv', got {columns!r}.")
+  plain = mean_inputs.dense_mean(inputs)
+  mixed = mixed_mean(weights, inputs, mode) if 'v' in columns else None
+  rows = [mixed if c == 'v' else plain for c in columns]
+  return jnp.concatenate(rows, axis=0)
+
+
+def key_weights_from_attention(
+    attention_fn: Callable[..., jax.Array], query: jax.Array, key: jax.Array,
+    **kwargs) -> jax.Array:
+  """``w_bj`` of an attention kernel that never materializes ``P``.
+
+  ``out_bihc = Σ_j P_bhij v_bjhc`` is linear in ``v``, so the gradient of
+  ``Σ out`` with respect to a value of ones is ``Σ_i P_bhij`` (in every
+  channel ``c``). One extra forward and backward pass of the kernel (no
+  ``N×N`` array, flash kernels included) gives the weights.
+
+  Args:
+    attention_fn: ``(query, key, value, **kwargs) -> out`` in the
+      ``[*B, N, H, head_dim]`` layout of ``jax.nn.dot_product_attention``
+      (e.g. ``functools.partial(jax.nn.dot_product_attention,
+      is_causal=True, implementation='cudnn')``).
+    query: ``[*B, Nq, H, hd]``.
+    key: ``[*B, Nk, H, hd]``.
+    **kwargs: passed to `attention_fn` (masks, bias, ...).
+
+  Returns:
+    ``[*B, Nk]`` float32 weights ``mean_{h,i} P_bhij`` (no gradient).
+
+  Example:
+    >>> q = k = jnp.ones((2, 5, 4, 8))
+    >>> w = key_weights_from_attention(jax.nn.dot_product_attention, q, k)
+    >>> w.shape
+    (2, 5)
+  """
+  query = jax.lax.stop_gradient(query)
+  key = jax.lax.stop_gradient(key)
+  heads, n_q = query.shape[-2], query.shape[-3]
+  ones = jnp.ones(key.shape, query.dtype)
+  out, vjp = jax.vjp(lambda v: attention_fn(query, key, v, **kwargs), ones)
+  (mass,) = vjp(jnp.ones(out.shape, out.dtype))            # [*B, Nk, H, hd]
+  dtype = mean_inputs.stat_dtype(query.dtype)
+  mass = mass[..., 0].astype(dtype)                         # Σ_i P_bhij
+  return jnp.einsum('...jh,h->...j', mass,
+                    jnp.full((heads,), 1.0 / (heads * n_q), dtype))
+
+
+def token_frequencies(ids: jax.Array, vocab_size: int) -> jax.Array:
+  """``[1, V]`` mean one-hot input of an embedding lookup.
+
+  An embedding lookup is ``onehot(ids) @ table`` with the table ``(V, D)``
+  laid out ``(d_in, d_out)``; its mean input is the frequency of each token
+  in the batch. Computed with a scatter-add, never a ``[N, V]`` one-hot.
+  Framework-agnostic.
+
+  Args:
+    ids: integer token ids, any shape.
+    vocab_size: ``V``.
+
+  Returns:
+    ``[1, V]`` float32 frequencies (sum to one; ids outside ``[0, V)`` are
+    dropped).
+  """
+  ids = jnp.ravel(jax.lax.stop_gradient(ids)).astype(jnp.int32)
+  counts = jnp.zeros((vocab_size,), jnp.float32).at[ids].add(1.0, mode='drop')
+  return (counts / max(ids.size, 1))[None, :]
