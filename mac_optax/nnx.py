@@ -17,8 +17,8 @@ Example:
 from mac_optax._src.nnx_capture import capture
 from mac_optax._src.nnx_capture import input_mean
 from mac_optax._src.nnx_capture import intermediates_like
-from mac_optax._src.nnx_capture import mixed_mean
+from mac_optax._src.nnx_capture import sow_attention
 from mac_optax._src.nnx_capture import sow_mean
 
-__all__ = ['capture', 'input_mean', 'intermediates_like', 'mixed_mean',
+__all__ = ['capture', 'input_mean', 'intermediates_like', 'sow_attention',
            'sow_mean']

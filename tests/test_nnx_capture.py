@@ -44,12 +44,12 @@ def _random_like(tree, seed=1):
       treedef, [_normal(l.shape, seed + i) for i, l in enumerate(leaves)])
 
 
-def _nnx_capture(module, *args, call=None, jit=True):
+def _nnx_capture(module, *args, call=None, jit=True, **options):
   """``call(module, *args)`` under both captures (jitted: one compile)."""
   fn = call or (lambda m, *a: m(*a))
 
   def run(module, *args):
-    with mac_nnx.capture():
+    with mac_nnx.capture(**options):
       return nnx.capture(fn, nnx.Intermediate)(module, *args)
   return nnx.jit(run)(module, *args) if jit else run(module, *args)
 
@@ -164,14 +164,15 @@ def test_linear_general_with_batch_axis_is_rejected():
 
 
 CONV_CASES = {
-    'valid_stride2': dict(kernel_size=(3, 3), strides=2, padding='VALID'),
     'circular_stride': dict(kernel_size=(3, 3), strides=(2, 1),
                             padding='CIRCULAR'),
-    'pads_dilations': dict(kernel_size=(2, 2), kernel_dilation=2,
-                           input_dilation=(1, 2), padding=((1, 0), (2, 1))),
+    'pads_input_dilation': dict(kernel_size=(2, 2), input_dilation=(1, 2),
+                                padding=((1, 0), (2, 1))),
     'groups_reflect_no_bias': dict(kernel_size=(3, 3), feature_group_count=2,
                                    padding='REFLECT', use_bias=False),
     'causal_1d': dict(kernel_size=(3,), padding='CAUSAL', kernel_dilation=2),
+    'valid_stride_dilation': dict(kernel_size=(3, 3), strides=2,
+                                  padding='VALID', kernel_dilation=(1, 2)),
 }
 
 
@@ -281,7 +282,8 @@ def test_attention_factors_match_dense_reference(kind):
     call = lambda m, x: m(x[0], x[1], mask=mask)
     args = ((x_q, x_kv),)
   y, inter = _nnx_capture(mha, *args, call=call)
-  np.testing.assert_array_equal(y, nnx.jit(call)(mha, *args))
+  np.testing.assert_allclose(y, nnx.jit(call)(mha, *args), rtol=1e-5,
+                             atol=1e-6)
   for name in ('query', 'key', 'value', 'out'):
     assert len(inter[name][mac_optax.MEAN]) == 1, name
   probs, mixed_out = _attention_reference(mha, x_q, x_kv, mask, is_causal)
@@ -312,6 +314,201 @@ def test_attention_factors_match_dense_reference(kind):
   # Nothing of size B·H·N·N is captured.
   sizes = [np.size(l) for l in jax.tree_util.tree_leaves(inter)]
   assert max(sizes) < b * heads * n_q * n_kv
+
+
+def _cross_attention_case(heads=2, d=6):
+  mha = nnx.MultiHeadAttention(heads, d, qkv_features=8, decode=False,
+                               rngs=nnx.Rngs(0), **INIT)
+  x_q, x_kv = _normal((2, 4, d), 0, 0.5), _normal((2, 5, d), 1, -0.3)
+  keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  mask = keep[:, None, None, :]
+  return mha, x_q, x_kv, mask
+
+
+@pytest.mark.parametrize('mode', ['product_of_means', 'plain'])
+def test_attention_value_statistic_modes(mode):
+  mha, x_q, x_kv, mask = _cross_attention_case()
+  call = lambda m, x_q, x_kv: m(x_q, x_kv, mask=mask)
+  _, inter = _nnx_capture(mha, x_q, x_kv, call=call, attention=mode)
+  x = np.asarray(x_kv, np.float64)
+  if mode == 'plain':
+    expected = x.mean((0, 1))
+  else:   # the authors' Σ_j w_j x̄_j, w_j the mass key j receives
+    probs, _ = _attention_reference(mha, x_q, x_kv, mask, False)
+    expected = np.einsum('j,jd->d', probs.mean((0, 1, 2)), x.mean(0))
+  np.testing.assert_allclose(inter['value'][mac_optax.MEAN][0][0], expected,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(inter['key'][mac_optax.MEAN][0][0],
+                             x.mean((0, 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_with_sow_weights_keeps_the_probabilities():
+  mha, x_q, x_kv, mask = _cross_attention_case()
+  call = lambda m, x_q, x_kv: m(x_q, x_kv, mask=mask, sow_weights=True)
+  _, inter = _nnx_capture(mha, x_q, x_kv, call=call)
+  probs, _ = _attention_reference(mha, x_q, x_kv, mask, False)
+  np.testing.assert_allclose(inter['attention_weights'][0], probs,
+                             rtol=1e-5, atol=1e-6)
+  value_mean = np.einsum('bhqs,bsd->d', probs, np.asarray(x_kv, np.float64))
+  np.testing.assert_allclose(inter['value'][mac_optax.MEAN][0][0],
+                             value_mean / probs[..., 0].size, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_attention_matches_linen():
+  mha, x_q, x_kv, mask = _cross_attention_case()
+  mask = np.asarray(mask & np.tril(np.ones((4, 5), bool)))  # padding + causal
+  call = lambda m, x_q, x_kv: m(x_q, x_kv, mask=mask)
+  y, inter = _nnx_capture(mha, x_q, x_kv, call=call)
+  grads, updates = _nnx_updates(mha, inter)
+
+  params = nnx.to_pure_dict(nnx.state(mha, nnx.Param))
+  linen_mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)
+
+  @jax.jit
+  def forward(params, x_q, x_kv):
+    with mac_linen.capture():
+      y, v = linen_mha.apply({'params': params}, x_q, x_kv, mask=mask,
+                             mutable=['intermediates'])
+    return y, v['intermediates']
+
+  y_lin, inter_lin = forward(params, x_q, x_kv)
+  np.testing.assert_allclose(y, y_lin, rtol=1e-5, atol=1e-6)
+  for name in ('query', 'key', 'value', 'out'):
+    np.testing.assert_allclose(inter[name][mac_optax.MEAN][0],
+                               inter_lin[name][mac_optax.MEAN][0],
+                               rtol=1e-5, atol=1e-6)
+  _assert_trees_close(updates, _mac_update(_random_like(params, 1),
+                                           inter_lin))
+  assert not np.allclose(updates['value']['kernel'], grads['value']['kernel'])
+
+
+class AttentionBlock(nnx.Module):
+
+  def __init__(self, d, rngs, dropout_rate=0.0):
+    self.attn = nnx.MultiHeadAttention(2, d, decode=False, rngs=rngs,
+                                       dropout_rate=dropout_rate,
+                                       deterministic=False, **INIT)
+
+  def __call__(self, x):
+    return x + self.attn(x, is_causal=True)
+
+
+class ScannedTransformer(nnx.Module):
+
+  def __init__(self, rngs, depth=2, d=4, dropout_rate=0.0):
+    blocks = [AttentionBlock(d, rngs, dropout_rate) for _ in range(depth)]
+    self.blocks = nnx.merge(nnx.graphdef(blocks[0]), jax.tree_util.tree_map(
+        lambda *v: jnp.stack(v), *[nnx.state(b) for b in blocks]))
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+
+    return body(x, self.blocks)
+
+
+def test_attention_in_scanned_blocks_with_dropout_uses_undropped_probs():
+  x = _normal((2, 3, 4), 0, 0.5)
+  plain_model = ScannedTransformer(nnx.Rngs(0))
+  y_plain, plain = _nnx_capture(plain_model, x)
+  value = plain['blocks']['attn']['value'][mac_optax.MEAN][0]
+  assert value.shape == (2, 1, 4)
+  # Block by block: the first block's value factor from explicit probabilities.
+  first = nnx.merge(nnx.graphdef(plain_model.blocks.attn),
+                    jax.tree_util.tree_map(
+                        lambda v: v[0], nnx.state(plain_model.blocks.attn)))
+  probs, _ = _attention_reference(first, x, x, None, True)
+  expected = np.einsum('bhqs,bsd->d', probs, np.asarray(x, np.float64))
+  np.testing.assert_allclose(value[0, 0], expected / probs[..., 0].size,
+                             rtol=1e-5, atol=1e-6)
+  # With dropout on the probabilities (training mode) the statistics are
+  # those of the probabilities before dropout: the first block sees the same
+  # input, so its value factor is unchanged.
+  dropout_model = ScannedTransformer(nnx.Rngs(0), dropout_rate=0.5)
+  y_dropped, dropped = _nnx_capture(dropout_model, x)
+  assert not np.allclose(y_dropped, y_plain)          # dropout is active
+  np.testing.assert_allclose(
+      dropped['blocks']['attn']['value'][mac_optax.MEAN][0][0], value[0],
+      rtol=1e-5, atol=1e-6)
+
+
+class FusedAttention(nnx.Module):
+  """GPT-style causal self-attention: one Linear to 3·D, hand-written softmax."""
+
+  def __init__(self, d, heads, rngs):
+    self.heads = heads
+    self.c_attn = nnx.Linear(d, 3 * d, rngs=rngs, **INIT)
+    self.c_proj = nnx.Linear(d, d, rngs=rngs, **INIT)
+
+  def __call__(self, x):
+    b, n, d = x.shape
+    q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+    split = lambda t: t.reshape(b, n, self.heads, -1)
+    q, k, v = split(q), split(k), split(v)
+    s = jnp.einsum('bihd,bjhd->bhij', q, k) / jnp.sqrt(q.shape[-1])
+    p = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e9))
+    mac_nnx.sow_attention(self.c_attn, x, probs=p)
+    return self.c_proj(jnp.einsum('bhij,bjhd->bihd', p, v).reshape(b, n, d))
+
+
+def test_fused_qkv_sow_attention_matches_dense_reference():
+  b, n, d, heads = 2, 5, 6, 2
+  model = FusedAttention(d, heads, nnx.Rngs(0))
+  x = _normal((b, n, d), 0, 0.3)
+  _, inter = _nnx_capture(model, x)
+  (stat,) = inter['c_attn'][mac_optax.MEAN]      # the plain one was replaced
+  assert stat.shape == (3, d)
+  # Explicit probabilities in NumPy.
+  x64 = np.asarray(x, np.float64)
+  qkv = x64 @ np.asarray(model.c_attn.kernel[...]) + np.asarray(
+      model.c_attn.bias[...])
+  q, k = (t.reshape(b, n, heads, -1) for t in np.split(qkv, 3, -1)[:2])
+  s = np.einsum('bihd,bjhd->bhij', q, k) / np.sqrt(q.shape[-1])
+  s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  mixed = np.einsum('bhij,bjd->d', p, x64) / (b * heads * n)
+  plain = x64.mean((0, 1))
+  np.testing.assert_allclose(stat, np.stack([plain, plain, mixed]),
+                             rtol=1e-5, atol=1e-6)
+  grads, updates = _nnx_updates(model, inter)
+  rows = [plain] * (2 * d) + [mixed] * d
+  means = np.stack([np.append(r, 1.0) for r in rows])
+  expected_k, expected_b = reference.dense_update(
+      grads['c_attn']['kernel'], grads['c_attn']['bias'], means, DAMPING)
+  reference.assert_close(updates['c_attn']['kernel'], expected_k)
+  reference.assert_close(updates['c_attn']['bias'], expected_b)
+
+
+def test_sow_attention_needs_exactly_one_of_probs_and_weights():
+  layer = nnx.Linear(4, 12, rngs=nnx.Rngs(0), **INIT)
+  with pytest.raises(ValueError, match='exactly one'):
+    mac_nnx.sow_attention(layer, jnp.ones((1, 2, 4)))
+
+
+def test_embed_lookup_option_matches_linen():
+  model = TiedLM(nnx.Rngs(0))
+  tokens = jnp.array([[1, 2, 2], [4, 2, 6]])
+  _, inter = _nnx_capture(model, tokens, embed_lookup=True)
+  frequencies = np.bincount(np.ravel(tokens), minlength=7) / tokens.size
+  np.testing.assert_allclose(inter['embed'][mac_optax.LOOKUP_MEAN][0][0],
+                             frequencies, rtol=1e-6)
+  _, updates = _nnx_updates(model, inter)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  @jax.jit
+  def forward(params, tokens):
+    with mac_linen.capture(embed_lookup=True):
+      _, v = TiedLMLinen().apply({'params': params}, tokens,
+                                 mutable=['intermediates'])
+    return v['intermediates']
+
+  _assert_trees_close(updates, _mac_update(_random_like(params, 1),
+                                           forward(params, tokens)))
+  _, plain = _nnx_capture(model, tokens)
+  assert mac_optax.LOOKUP_MEAN not in plain['embed']
 
 
 # --------------------------------------------------------------------------
@@ -421,18 +618,16 @@ def _stacked_blocks(depth, d, rngs):
 
 
 class ScanNet(nnx.Module):
-  """Conv stem, `nnx.scan` over stacked blocks, Linear head."""
+  """Linear stem, `nnx.scan` over stacked blocks, Linear head."""
 
   def __init__(self, rngs, depth=3, d=8, remat=False):
-    self.conv = nnx.Conv(1, 2, (3, 3), strides=2, rngs=rngs, **INIT)
-    self.proj = nnx.Linear(32, d, rngs=rngs, **INIT)
+    self.proj = nnx.Linear(64, d, rngs=rngs, **INIT)
     self.remat = remat
     self.blocks = _stacked_blocks(depth, d, rngs)
     self.head = nnx.Linear(d, 10, rngs=rngs, **INIT)
 
   def __call__(self, x):
-    x = nnx.relu(self.conv(x)).reshape(x.shape[0], -1)
-    x = self.proj(x)
+    x = self.proj(x.reshape(x.shape[0], -1))
     call = nnx.remat(lambda block, x: block(x)) if self.remat else (
         lambda block, x: block(x))
 
@@ -449,7 +644,7 @@ def _data(n=6):
 
 def _unrolled_block_means(model, x):
   """Each block's input mean, running the blocks one by one in Python."""
-  h = model.proj(nnx.relu(model.conv(x)).reshape(x.shape[0], -1))
+  h = model.proj(x.reshape(x.shape[0], -1))
   graphdef, stacked = nnx.split(model.blocks)
   means = []
   for i in range(stacked['mlp']['kernel'].shape[0]):

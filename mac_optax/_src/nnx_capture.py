@@ -24,23 +24,33 @@ Properties of the patching:
 ``nnx.MultiHeadAttention``: query, key and output projections get the plain
 mean of their inputs (through the ``LinearGeneral`` wrapper). The value
 projection gets the mean of the attention-mixed input
-``E_{b,h,i}[Σ_j P_bhij x_bj]``, from probabilities computed from the layer's
-own query and key projections with its mask, ``is_causal`` and, during
-decoding, cache mask (before dropout); see :func:`_mixed_value_mean`.
+``E_{b,h,i}[Σ_j P_bhij x_bj]`` (or the authors' product of means), from the
+probabilities the layer itself computes: for the duration of the call the
+layer's ``attention_fn`` is swapped for a pass-through that hands the original
+a recorder as its ``module`` argument. Flax's attention gives
+``module.sow`` the probabilities after softmax and masks (padding, causal),
+before dropout; the recorder reduces them at once to per-key weights
+``w_bj = mean_{h,i} P_bhij`` (``[B, Nk]``, :mod:`mac_optax._src.attention`),
+so no ``[B, H, Nq, Nk]`` array is kept. With ``sow_weights=True`` the
+probabilities are still sown as usual. Where no probabilities reach the
+recorder (an ``attention_fn`` without a ``module`` argument, decoding with a
+cache) the value projection keeps its plain mean.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import threading
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from flax import nnx
-from flax.nnx.nn import attention as nnx_attention
 import jax
 import jax.numpy as jnp
 
+from mac_optax._src import attention as attention_lib
 from mac_optax._src import linen_capture
 from mac_optax._src import mean_inputs
 from mac_optax._src import statistics
@@ -135,6 +145,15 @@ def _attend_statistic(module: nnx.Embed, args, kwargs) -> jax.Array:
   return mean_inputs.dense_mean(_first_input(args, kwargs, 'query'))
 
 
+def _lookup_statistic(module: nnx.Embed, args,
+                      kwargs) -> Optional[jax.Array]:
+  """Token frequencies of an embedding lookup (``capture(embed_lookup=True)``)."""
+  if not _options().embed_lookup:
+    return None
+  return attention_lib.token_frequencies(_first_input(args, kwargs, 'inputs'),
+                                     module.num_embeddings)
+
+
 # --------------------------------------------------------------------------
 # Temporary patching of the layer classes.
 
@@ -143,8 +162,22 @@ _LOCAL = threading.local()
 _INSTALLED = {'count': 0, 'originals': {}}
 
 
-def _depth() -> int:
-  return getattr(_LOCAL, 'depth', 0)
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  attention: str
+  embed_lookup: bool
+
+
+def _stack() -> list:
+  """The options of the open captures of this thread, innermost last."""
+  if not hasattr(_LOCAL, 'stack'):
+    _LOCAL.stack = []
+  return _LOCAL.stack
+
+
+def _options() -> Optional[_Options]:
+  stack = _stack()
+  return stack[-1] if stack else None
 
 
 def _suppressed() -> set:
@@ -155,7 +188,7 @@ def _suppressed() -> set:
 
 
 def _recorded() -> dict:
-  """``id(module) -> [outputs]`` of projections an attention wrapper reads."""
+  """``id(module) -> [inputs]`` of projections an attention wrapper reads."""
   if not hasattr(_LOCAL, 'recorded'):
     _LOCAL.recorded = {}
   return _LOCAL.recorded
@@ -167,15 +200,16 @@ def _stat_wrapper(original: Callable, name: str,
 
   @functools.wraps(original)
   def wrapper(self, *args, **kwargs):
-    if not (_depth() and _collecting(self)):
+    if _options() is None or not _collecting(self):
       return original(self, *args, **kwargs)
-    if id(self) not in _suppressed():
-      self.sow(nnx.Intermediate, name, statistic(self, args, kwargs))
-    out = original(self, *args, **kwargs)
     recorded = _recorded().get(id(self))
     if recorded is not None:
-      recorded.append(out)
-    return out
+      recorded.append(_first_input(args, kwargs, 'inputs'))
+    if id(self) not in _suppressed():
+      mean = statistic(self, args, kwargs)
+      if mean is not None:
+        self.sow(nnx.Intermediate, name, mean)
+    return original(self, *args, **kwargs)
 
   wrapper.__mac_capture__ = True
   return wrapper
@@ -184,6 +218,7 @@ def _stat_wrapper(original: Callable, name: str,
 def _patches() -> list[tuple[type, str, Callable[[Callable], Callable]]]:
   """``(class, method name, wrapper factory)`` of every supported layer."""
   mean, attend = statistics.MEAN, statistics.ATTEND_MEAN
+  lookup = statistics.LOOKUP_MEAN
   return [
       (nnx.Linear, '__call__',
        lambda f: _stat_wrapper(f, mean, _linear_statistic)),
@@ -193,6 +228,8 @@ def _patches() -> list[tuple[type, str, Callable[[Callable], Callable]]]:
        lambda f: _stat_wrapper(f, mean, _conv_statistic)),
       (nnx.Embed, 'attend',
        lambda f: _stat_wrapper(f, attend, _attend_statistic)),
+      (nnx.Embed, '__call__',
+       lambda f: _stat_wrapper(f, lookup, _lookup_statistic)),
       (nnx.MultiHeadAttention, '__call__', _attention_wrapper),
   ]
 
@@ -215,7 +252,8 @@ def _uninstall() -> None:
 
 
 @contextlib.contextmanager
-def capture() -> Iterator[None]:
+def capture(*, attention: str = 'exact',
+            embed_lookup: bool = False) -> Iterator[None]:
   """Sows MAC statistics from every supported layer of an unmodified model.
 
   Run the model through ``nnx.capture(model, nnx.Intermediate)`` inside this
@@ -232,7 +270,17 @@ def capture() -> Iterator[None]:
 
   Outside this context, or in another thread, or when the model is called
   without ``nnx.capture``, the layers run exactly as without it.
-  Re-entrant: nested contexts share one installation.
+  Re-entrant: nested contexts share one installation; the innermost one's
+  options apply.
+
+  Args:
+    attention: the value statistic of ``nnx.MultiHeadAttention``:
+      ``'exact'`` (``E_{b,h,i}[Σ_j P_bhij x_bj]``), ``'product_of_means'``
+      (the authors' ``Σ_j w_j x̄_j``) or ``'plain'`` (the value projection's
+      plain input mean, like any ``LinearGeneral``).
+    embed_lookup: also precondition ``nnx.Embed`` lookup tables ``(V, D)``
+      along the vocabulary axis with the token frequencies of the batch,
+      sown as ``mac_optax.LOOKUP_MEAN``.
 
   Example:
     >>> def loss_fn(model):
@@ -242,22 +290,25 @@ def capture() -> Iterator[None]:
     >>> (l, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     >>> optimizer.update(model, grads, intermediates=inter)
   """
+  options = _Options(attention_lib.check_mode(attention),
+                     bool(embed_lookup))
   with _LOCK:
     if _INSTALLED['count'] == 0:
       _install()
     _INSTALLED['count'] += 1
-  _LOCAL.depth = _depth() + 1
+  _stack().append(options)
   try:
     yield
   finally:
-    _LOCAL.depth = _depth() - 1
+    _stack().pop()
     with _LOCK:
       _INSTALLED['count'] -= 1
       if _INSTALLED['count'] == 0:
         _uninstall()
 
 
-def intermediates_like(model: nnx.Module, *args, **kwargs) -> Any:
+def intermediates_like(model: nnx.Module, *args, embed_lookup: bool = False,
+                       **kwargs) -> Any:
   """Shapes of the intermediates a captured forward pass of `model` returns.
 
   Pass the result to ``mac(intermediates_like=...)`` to build the complete
@@ -269,6 +320,7 @@ def intermediates_like(model: nnx.Module, *args, **kwargs) -> Any:
     model: the NNX module.
     *args: example inputs of ``model(...)`` (arrays or
       ``jax.ShapeDtypeStruct``).
+    embed_lookup: as in :func:`capture` (adds lookup statistics).
     **kwargs: keyword arguments of ``model(...)``.
 
   Returns:
@@ -285,7 +337,7 @@ def intermediates_like(model: nnx.Module, *args, **kwargs) -> Any:
 
   def forward(state, *args):
     copy = nnx.merge(graphdef, state)
-    with capture():
+    with capture(embed_lookup=embed_lookup):
       _, inter = nnx.capture(copy, nnx.Intermediate)(*args, **kwargs)
     return inter
 
@@ -296,19 +348,45 @@ def intermediates_like(model: nnx.Module, *args, **kwargs) -> Any:
 # nnx.MultiHeadAttention.
 
 
-def _attention_inputs(args, kwargs):
-  """``(inputs_q, inputs_k, inputs_v)`` as ``MultiHeadAttention`` resolves them."""
-  names = ('inputs_q', 'inputs_k', 'inputs_v')
-  values = list(args[:3]) + [None] * (3 - len(args[:3]))
-  for i, name in enumerate(names):
-    if values[i] is None:
-      values[i] = kwargs.get(name)
-  q, k, v = values
-  if k is None:
-    k = q
-  if v is None:
-    v = k
-  return q, k, v
+class _Recorder:
+  """Stands in for ``module`` in ``attention_fn(..., module=)``.
+
+  Flax's ``dot_product_attention_weights`` calls
+  ``module.sow(nnx.Intermediate, 'attention_weights', probs)``; the
+  probabilities are reduced here and only ``[B, Nk]`` weights are kept.
+  """
+
+  def __init__(self, weights: list, module: Optional[nnx.Module]):
+    self._weights = weights
+    self._module = module
+
+  def __bool__(self) -> bool:
+    return True
+
+  def sow(self, variable_type, name, value, *args, **kwargs):
+    if name == 'attention_weights':
+      self._weights.append(attention_lib.key_weights(value))
+    if self._module is not None:
+      return self._module.sow(variable_type, name, value, *args, **kwargs)
+    return False
+
+
+def _accepts_module(fn: Callable) -> bool:
+  try:
+    return 'module' in inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _recording(attention_fn: Callable, weights: list) -> Callable:
+  """A pass-through ``attention_fn`` that records the key weights."""
+
+  @functools.wraps(attention_fn)
+  def wrapper(*args, **kwargs):
+    kwargs['module'] = _Recorder(weights, kwargs.get('module'))
+    return attention_fn(*args, **kwargs)
+
+  return wrapper
 
 
 def _attention_wrapper(original: Callable) -> Callable:
@@ -316,33 +394,36 @@ def _attention_wrapper(original: Callable) -> Callable:
 
   @functools.wraps(original)
   def wrapper(self, *args, **kwargs):
-    if not (_depth() and _collecting(self)):
+    options = _options()
+    if options is None or not _collecting(self):
       return original(self, *args, **kwargs)
-    if getattr(self, 'decode', None) or kwargs.get('decode'):
-      # Decoding mixes cached values the call cannot see; keep plain means.
+    decode = kwargs.get('decode')
+    decode = self.decode if decode is None else decode
+    value_id = id(self.value)
+    if (options.attention == attention_lib.PLAIN or decode
+        or not _accepts_module(self.attention_fn)
+        or value_id in _suppressed()):
       return original(self, *args, **kwargs)
-    inputs_q, inputs_k, inputs_v = _attention_inputs(args, kwargs)
+    attention_fn, weights, inputs = self.attention_fn, [], []
     suppressed, recorded = _suppressed(), _recorded()
-    ids = (id(self.query), id(self.key), id(self.value))
-    if any(i in recorded for i in ids[:2]) or ids[2] in suppressed:
-      raise ValueError('mac: an nnx.MultiHeadAttention shares its projections '
-                       'with another attention layer in the same call.')
-    recorded[ids[0]], recorded[ids[1]] = [], []
-    suppressed.add(ids[2])
+    suppressed.add(value_id)
+    recorded[value_id] = inputs
+    # The static attribute is swapped for this call only (like the linen
+    # capture does on its frozen dataclasses), bypassing NNX's attribute
+    # bookkeeping: the graph structure does not change.
+    object.__setattr__(self, 'attention_fn',
+                       _recording(attention_fn, weights))
     try:
       out = original(self, *args, **kwargs)
-      queries, keys = recorded[ids[0]], recorded[ids[1]]
     finally:
-      del recorded[ids[0]], recorded[ids[1]]
-      suppressed.discard(ids[2])
-    if len(queries) != 1 or len(keys) != 1:
-      raise ValueError(
-          'mac: nnx.MultiHeadAttention called its query/key projections '
-          f'{len(queries)}/{len(keys)} times in one call; expected once.')
-    if _collecting(self.value):
-      mean = _mixed_value_mean(self, queries[0], keys[0], inputs_v,
-                               kwargs.get('mask'),
-                               kwargs.get('is_causal', False))
+      object.__setattr__(self, 'attention_fn', attention_fn)
+      suppressed.discard(value_id)
+      del recorded[value_id]
+    for x in inputs:
+      if len(weights) == 1 and len(inputs) == 1:
+        mean = attention_lib.mixed_mean(weights[0], x, options.attention)
+      else:
+        mean = mean_inputs.dense_mean(x)
       self.value.sow(nnx.Intermediate, statistics.MEAN, mean)
     return out
 
@@ -350,42 +431,73 @@ def _attention_wrapper(original: Callable) -> Callable:
   return wrapper
 
 
-def _mixed_value_mean(module: nnx.MultiHeadAttention, query: jax.Array,
-                      key: jax.Array, inputs_v: jax.Array,
-                      mask: Optional[jax.Array], is_causal: bool) -> jax.Array:
-  """``[1, D]`` mean of the attention-mixed value input.
+def sow_attention(projection: nnx.Module, inputs: jax.Array, *,
+                  probs: Optional[jax.Array] = None,
+                  weights: Optional[jax.Array] = None,
+                  columns: str = 'qkv',
+                  mode: Optional[str] = None) -> None:
+  """Sows the attention-aware statistic of a hand-written NNX attention layer.
 
-  ``E_{b,h,i}[Σ_j P_bhij x_bj]`` with ``P`` the layer's attention
-  probabilities (recomputed from its own query and key projections, with its
-  mask and causal mask, before dropout) and ``x`` the value projection's
-  input. ``P`` is reduced to per-key weights at once (:func:`mixed_mean`), so
-  nothing of size ``B·H·N·N`` leaves this function.
-  """
-  # TODO(mac_optax): dedupe with mac_optax/_src/attention.py (linen helper).
-  query = jax.lax.stop_gradient(query)
-  key = jax.lax.stop_gradient(key)
-  if module.normalize_qk:
-    query = module.query_ln(query)
-    key = module.key_ln(key)
-  probs = nnx_attention.dot_product_attention_weights(
-      query, key, mask=mask, deterministic=True, dtype=module.dtype,
-      precision=module.precision, is_causal=is_causal)
-  return mixed_mean(probs, inputs_v)
-
-
-def mixed_mean(probs: jax.Array, inputs_v: jax.Array) -> jax.Array:
-  """``[1, D]`` mean attention-mixed input ``E_{b,h,i}[Σ_j P_bhij x_bj]``.
+  The NNX twin of :func:`mac_optax.linen.sow_attention`. `projection` owns a
+  fused kernel (``(D, G·D)``, column groups in the order `columns`, e.g.
+  ``[q | k | v]``); after it has been called on `inputs`, this sows the
+  ``[G, D]`` statistic of :func:`mac_optax.attention_lib.grouped_statistic`:
+  ``x̄`` for the query and key groups, the attention-mixed mean for the
+  value group. Under :func:`capture` it replaces the plain ``[1, D]``
+  statistic the capture sowed for that call; otherwise it is a new entry.
+  A no-op outside ``nnx.capture(..., nnx.Intermediate)``.
 
   Args:
-    probs: ``[*B, H, Nq, Nk]`` attention probabilities.
-    inputs_v: ``[*B, Nk, D]`` input of the value projection.
+    projection: the module owning the fused ``kernel`` (an ``nnx.Linear``).
+    inputs: ``[B, N, D]`` input of the projection.
+    probs: ``[B, H, Nq, Nk]`` probabilities (after softmax and masks, before
+      dropout), reduced at once.
+    weights: ``[B, Nk]`` per-key weights ``mean_{h,i} P_bhij`` instead of
+      `probs` (e.g. from ``mac_optax.attention_lib.key_weights_from_attention``).
+    columns: order of the column groups (``'qkv'``, ``'kv'``, ``'v'``).
+    mode: ``'exact'`` or ``'product_of_means'``; by default the open
+      capture's (``'exact'`` outside one).
 
-  Returns:
-    ``mean_b Σ_j w_bj x_bj`` with ``w_bj = mean_{h,i} P_bhij``, float32.
+  Raises:
+    ValueError: not exactly one of `probs` and `weights`.
+
+  Example:
+    >>> class CausalSelfAttention(nnx.Module):
+    ...   def __init__(self, d, heads, rngs):
+    ...     self.heads = heads
+    ...     self.c_attn = nnx.Linear(d, 3 * d, rngs=rngs)
+    ...     self.c_proj = nnx.Linear(d, d, rngs=rngs)
+    ...   def __call__(self, x):
+    ...     B, N, D = x.shape
+    ...     q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+    ...     split = lambda t: t.reshape(B, N, self.heads, -1)
+    ...     q, k, v = split(q), split(k), split(v)
+    ...     s = jnp.einsum('bihd,bjhd->bhij', q, k) / jnp.sqrt(q.shape[-1])
+    ...     p = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((N, N), bool)),
+    ...                                  s, -1e9))
+    ...     mac_optax.nnx.sow_attention(self.c_attn, x, probs=p)
+    ...     y = jnp.einsum('bhij,bjhd->bihd', p, v).reshape(B, N, D)
+    ...     return self.c_proj(y)
   """
-  dtype = mean_inputs.stat_dtype(inputs_v.dtype)
-  weights = jnp.mean(jax.lax.stop_gradient(probs).astype(dtype),
-                     axis=(-3, -2))                       # [*B, Nk]
-  x = jax.lax.stop_gradient(inputs_v).astype(dtype)
-  mixed = jnp.einsum('...j,...jd->...d', weights, x)      # [*B, D]
-  return mean_inputs.dense_mean(mixed)
+  if (probs is None) == (weights is None):
+    raise ValueError(
+        f'mac: sow_attention on {type(projection).__name__}: give exactly one '
+        'of probs= and weights=.')
+  if not _collecting(projection):
+    return
+  options = _options()
+  if mode is None:
+    mode = options.attention if options is not None else attention_lib.EXACT
+  if weights is None:
+    weights = attention_lib.key_weights(probs)
+  stat = attention_lib.grouped_statistic(inputs, weights, columns=columns,
+                                     mode=mode)
+  stat = stat.astype(mean_inputs.stat_dtype(stat.dtype))
+  replace = options is not None
+
+  def reduce_fn(sown, new):
+    if replace and sown and tuple(sown[-1].shape) == (1, new.shape[-1]):
+      return sown[:-1] + (new,)
+    return sown + (new,)
+
+  projection.sow(nnx.Intermediate, statistics.MEAN, stat, reduce_fn=reduce_fn)
