@@ -238,14 +238,35 @@ def check_mesh_shardings():
   return f'params {found}; MAC state means {layer_specs}'
 
 
-ALL_GATHER = re.compile(r'= (\w+)\[([\d,]*)\][^ ]* all-gather\(')
+SHAPE = re.compile(r'\b[a-z]+\d*\[([\d,]*)\]')
+
+
+def all_gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+  """Result shapes of every all-gather (sync, async start, tuple) in `hlo`."""
+  shapes = []
+  for line in hlo.splitlines():
+    match = re.search(r'=(.*?)\ball-gather(-start)?\(', line)
+    if match:
+      shapes += [tuple(int(d) for d in dims.split(',') if d)
+                 for dims in SHAPE.findall(match.group(1))]
+  return shapes
+
+
+def check_detector_sees_a_kernel_all_gather():
+  """Control: flattening a c_in-sharded conv kernel does gather it."""
+  kernel = jax.device_put(
+      jnp.ones((3, 3, 4, 8)),
+      NamedSharding(_mesh(), MODEL_SPECS['Conv_1']['kernel']))
+  hlo = jax.jit(lambda k: k.reshape(-1, 8) * 2).lower(
+      kernel).compile().as_text()
+  assert (3, 3, 4, 8) in all_gathered_shapes(hlo), all_gathered_shapes(hlo)
+  return f'flattened kernel: all-gathers {all_gathered_shapes(hlo)}'
 
 
 def check_no_kernel_all_gather():
   """The compiled step gathers no kernel, only ā-sized statistic vectors."""
   params, _, _, hlo = _sharded_run()
-  gathered = [tuple(int(d) for d in dims.split(',') if d)
-              for _, dims in ALL_GATHER.findall(hlo)]
+  gathered = all_gathered_shapes(hlo)
   kernels = {k: v['kernel'].shape for k, v in params.items()}
   largest_stat = max(int(np.prod(s[:-1])) for s in kernels.values())
   for shape in gathered:

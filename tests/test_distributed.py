@@ -21,6 +21,7 @@ CHECKS = [
     'mesh_matches_single_device',
     'mesh_shardings',
     'no_kernel_all_gather',
+    'detector_sees_a_kernel_all_gather',
 ]
 
 
