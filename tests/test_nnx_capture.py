@@ -121,19 +121,18 @@ def _check_against_dense(layer, x, inter, grads, updates, n_out=1):
 # Layer by layer: NNX == linen == dense reference.
 
 
-@pytest.mark.parametrize('use_bias', [True, False])
-def test_linear_matches_linen_and_dense_reference(use_bias):
+def test_linear_matches_linen_and_dense_reference():
   x = _normal((3, 5, 4), 0, 1.0)
-  layer = nnx.Linear(4, 6, use_bias=use_bias, rngs=nnx.Rngs(0), **INIT)
+  layer = nnx.Linear(4, 6, rngs=nnx.Rngs(0), **INIT)
   y, inter = _nnx_capture(layer, x)
-  np.testing.assert_array_equal(y, layer(x))
+  np.testing.assert_allclose(y, layer(x), rtol=1e-6)
   assert inter[mac_optax.MEAN][0].shape == (1, 4)
   grads, updates = _nnx_updates(layer, inter)
   _check_against_dense(layer, x, inter, grads, updates)
 
   params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
   y_lin, inter_lin, updates_lin = _linen_updates(
-      nn.Dense(6, use_bias=use_bias), params, x)
+      nn.Dense(6), params, x)
   np.testing.assert_allclose(y, y_lin, rtol=1e-6)
   _assert_trees_close(inter[mac_optax.MEAN][0],
                       inter_lin[mac_optax.MEAN][0])
@@ -166,13 +165,13 @@ def test_linear_general_with_batch_axis_is_rejected():
 CONV_CASES = {
     'circular_stride': dict(kernel_size=(3, 3), strides=(2, 1),
                             padding='CIRCULAR'),
-    'pads_input_dilation': dict(kernel_size=(2, 2), input_dilation=(1, 2),
-                                padding=((1, 0), (2, 1))),
+    'pads_strides_dilations': dict(kernel_size=(2, 2), strides=(1, 2),
+                                   input_dilation=(1, 2), kernel_dilation=2,
+                                   padding=((1, 0), (2, 1))),
     'groups_reflect_no_bias': dict(kernel_size=(3, 3), feature_group_count=2,
                                    padding='REFLECT', use_bias=False),
     'causal_1d': dict(kernel_size=(3,), padding='CAUSAL', kernel_dilation=2),
-    'valid_stride_dilation': dict(kernel_size=(3, 3), strides=2,
-                                  padding='VALID', kernel_dilation=(1, 2)),
+
 }
 
 
@@ -655,9 +654,9 @@ def _unrolled_block_means(model, x):
   return jnp.stack(means)
 
 
-@pytest.mark.parametrize('remat', [False, True])
-def test_scan_stacked_blocks_get_stacked_statistics(remat):
-  model = ScanNet(nnx.Rngs(0), remat=remat)
+def test_scan_and_remat_stacked_blocks_get_stacked_statistics():
+  # (Scan without remat: the nnx.Optimizer test below.)
+  model = ScanNet(nnx.Rngs(0), remat=True)
   x, _ = _data()
   _, inter = _nnx_capture(model, x)
   stacked = inter['blocks']['mlp'][mac_optax.MEAN][0]

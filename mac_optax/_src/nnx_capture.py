@@ -1,9 +1,10 @@
 """Capture of MAC statistics from unmodified Flax NNX models.
 
 NNX has no method interceptor. Inside :func:`capture`, the ``__call__`` of
-``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and
-``nnx.MultiHeadAttention``, and ``nnx.Embed.attend``, are temporarily replaced
-on their classes by wrappers that sow the mean input of the call with
+``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.MultiHeadAttention``
+and ``nnx.Embed`` (lookups only with ``embed_lookup=True``), and
+``nnx.Embed.attend``, are temporarily replaced on their classes by wrappers
+that sow the mean input of the call with
 ``module.sow(nnx.Intermediate, name, mean)`` and then run the original method
 unchanged. The sown value lands at the layer's own path of the
 ``nnx.capture(model, nnx.Intermediate)`` result, so ``grads[p]['kernel']``
@@ -150,8 +151,8 @@ def _lookup_statistic(module: nnx.Embed, args,
   """Token frequencies of an embedding lookup (``capture(embed_lookup=True)``)."""
   if not _options().embed_lookup:
     return None
-  return attention_lib.token_frequencies(_first_input(args, kwargs, 'inputs'),
-                                     module.num_embeddings)
+  ids = _first_input(args, kwargs, 'inputs')
+  return attention_lib.token_frequencies(ids, module.num_embeddings)
 
 
 # --------------------------------------------------------------------------
@@ -312,9 +313,10 @@ def intermediates_like(model: nnx.Module, *args, embed_lookup: bool = False,
   """Shapes of the intermediates a captured forward pass of `model` returns.
 
   Pass the result to ``mac(intermediates_like=...)`` to build the complete
-  optimizer state in ``init`` (needed by ``nnx.Optimizer`` under
-  ``nnx.jit``, whose state structure must not change after ``init``). Costs
-  one abstract trace, no FLOPs; `model` is not modified.
+  optimizer state in ``init``. Without it ``nnx.Optimizer`` still works (the
+  first update creates the per-layer state and the jitted step traces
+  twice), but checkpoint templates and ``lax.scan`` loops need the fixed
+  structure. Costs one abstract trace, no FLOPs; `model` is not modified.
 
   Args:
     model: the NNX module.
