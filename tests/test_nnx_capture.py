@@ -396,9 +396,8 @@ class AttentionBlock(nnx.Module):
 class ScannedTransformer(nnx.Module):
 
   def __init__(self, rngs, depth=2, d=4, dropout_rate=0.0):
-    blocks = [AttentionBlock(d, rngs, dropout_rate) for _ in range(depth)]
-    self.blocks = nnx.merge(nnx.graphdef(blocks[0]), jax.tree_util.tree_map(
-        lambda *v: jnp.stack(v), *[nnx.state(b) for b in blocks]))
+    self.blocks = _stacked([AttentionBlock(d, rngs, dropout_rate)
+                            for _ in range(depth)])
 
   def __call__(self, x):
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
@@ -607,13 +606,14 @@ class Block(nnx.Module):
     return x + nnx.relu(self.mlp(x))
 
 
+def _stacked(modules):
+  """Modules stacked on a leading axis (as `nnx.vmap` creates them)."""
+  return nnx.merge(nnx.graphdef(modules[0]), jax.tree_util.tree_map(
+      lambda *v: jnp.stack(v), *[nnx.state(m) for m in modules]))
+
+
 def _stacked_blocks(depth, d, rngs):
-  """``depth`` blocks stacked on a leading axis (as `nnx.vmap` creates them)."""
-  blocks = [Block(d, rngs) for _ in range(depth)]
-  graphdef = nnx.graphdef(blocks[0])
-  states = [nnx.state(b) for b in blocks]
-  return nnx.merge(graphdef, jax.tree_util.tree_map(
-      lambda *v: jnp.stack(v), *states))
+  return _stacked([Block(d, rngs) for _ in range(depth)])
 
 
 class ScanNet(nnx.Module):
@@ -689,6 +689,38 @@ class ListNet(nnx.Module):
     for layer in self.layers:
       x = nnx.relu(layer(x))
     return x
+
+
+class Ensemble(nnx.Module):
+  """Members stacked on axis 0, run with `nnx.vmap` in the forward pass."""
+
+  def __init__(self, rngs, members=3):
+    self.members = _stacked([nnx.Linear(4, 2, rngs=rngs, **INIT)
+                             for _ in range(members)])
+
+  def __call__(self, x):
+    @nnx.vmap(in_axes=(0, 0), out_axes=0)
+    def forward(member, x):
+      return member(x)
+
+    return forward(self.members, x)
+
+
+def test_vmapped_members_get_stacked_statistics():
+  model = Ensemble(nnx.Rngs(0))
+  x = _normal((3, 5, 4), 0, 0.5)                  # one batch per member
+  _, inter = _nnx_capture(model, x, jit=False)
+  stat = inter['members'][mac_optax.MEAN][0]
+  assert stat.shape == (3, 1, 4)
+  np.testing.assert_allclose(stat[:, 0], np.asarray(x).mean(1), rtol=1e-5)
+  grads, updates = _nnx_updates(model, inter)
+  for i in range(3):
+    means = np.tile(np.append(np.asarray(stat[i, 0]), 1.0), (2, 1))
+    expected_k, expected_b = reference.dense_update(
+        grads['members']['kernel'][i], grads['members']['bias'][i], means,
+        DAMPING)
+    reference.assert_close(updates['members']['kernel'][i], expected_k)
+    reference.assert_close(updates['members']['bias'][i], expected_b)
 
 
 def test_intermediates_as_state_pure_state_or_dict_give_the_same_update():
@@ -830,3 +862,17 @@ def test_nnx_optimizer_with_lazily_created_layer_state():
     params, opt_state = step(params, opt_state)
   _assert_trees_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), params,
                       rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('script', ['digits_cnn_nnx', 'transformer_nnx'])
+def test_examples_run(script):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parent.parent / 'examples' / (
+      script + '.py')
+  spec = importlib.util.spec_from_file_location(script, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  results = module.main(['--steps', '3', '--no-progress'])
+  assert results and all(np.isfinite(r['train_loss']) for r in results)
