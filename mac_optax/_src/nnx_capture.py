@@ -33,7 +33,10 @@ a recorder as its ``module`` argument. Flax's attention gives
 before dropout; the recorder reduces them at once to per-key weights
 ``w_bj = mean_{h,i} P_bhij`` (``[B, Nk]``, :mod:`mac_optax._src.attention`),
 so no ``[B, H, Nq, Nk]`` array is kept. With ``sow_weights=True`` the
-probabilities are still sown as usual. Where no probabilities reach the
+probabilities are still sown as usual. Given a ``module``, Flax computes the
+attention through its explicit-probabilities path instead of
+``jax.nn.dot_product_attention``: inside the capture the layer's output agrees
+with the uncaptured one to float rounding, not bit for bit. Where no probabilities reach the
 recorder (an ``attention_fn`` without a ``module`` argument, decoding with a
 cache) the value projection keeps its plain mean.
 """
