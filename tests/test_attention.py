@@ -396,6 +396,17 @@ def test_scan_remat_transformer_step_has_no_quadratic_leaf():
   assert 'blocks/MultiHeadDotProductAttention_0/value' in state.layers
   assert jax.tree_util.tree_structure(updates) == (
       jax.tree_util.tree_structure(params))
+  # Dropout on the probabilities (train=True, inside nn.scan + nn.remat):
+  # the value statistic uses the probabilities before dropout, so layer 0
+  # (same input) sows the deterministic statistic; layer 1's input already
+  # went through layer 0's dropped-out attention, so it differs.
+  dropped = _stats(ScanLM(train=True), params, (tokens,),
+                   apply_kwargs={'rngs': {'dropout': jax.random.key(3)}})
+  got = dropped['blocks']['MultiHeadDotProductAttention_0']['value'][
+      mac_optax.MEAN][0]
+  want = value[mac_optax.MEAN][0]
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  assert np.abs(got[1] - want[1]).max() > 1e-4
 
 
 class TiedLM(nn.Module):
