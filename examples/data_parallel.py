@@ -54,43 +54,13 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import mac_optax
 from mac_optax import linen as mac_linen
-
-
-class CNN(nn.Module):
-  """Conv(16) → Conv(32, stride 2) → Dense(64) → Dense(10), ReLU."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(nn.Conv(16, (3, 3))(x))
-    x = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2))(x))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(64)(x))
-    return nn.Dense(10)(x)
-
-
-def load_data(seed: int):
-  digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  return train_test_split(images, digits.target.astype(np.int32),
-                          test_size=0.25, random_state=seed,
-                          stratify=digits.target)
-
-
-def batch_indices(n_train: int, batch_size: int, steps: int,
-                  seed: int) -> np.ndarray:
-  """``[steps, batch_size]``: shuffled epochs; row ``t`` is step ``t``'s batch."""
-  rng = np.random.default_rng(seed)
-  per_epoch = n_train // batch_size
-  epochs = -(-steps // per_epoch)
-  order = np.concatenate([rng.permutation(n_train)[:per_epoch * batch_size]
-                          for _ in range(epochs)])
-  return order.reshape(-1, batch_size)[:steps]
+from digits_cnn import CNN   # the model of the digits demo
+from digits_data import batch_indices
+from digits_data import load_data
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation):

@@ -31,12 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import mac_optax
 from mac_optax import linen as mac_linen
+from digits_data import batch_indices
+from digits_data import cross_entropy
+from digits_data import load_data
 
 
 class CNN(nn.Module):
@@ -49,19 +50,6 @@ class CNN(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(64)(x))
     return nn.Dense(10)(x)
-
-
-def load_data(seed: int):
-  """Digits as ``[N, 8, 8, 1]`` floats in [0, 1] and int labels, 75/25 split."""
-  digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)[..., None]
-  return train_test_split(images, digits.target.astype(np.int32),
-                          test_size=0.25, random_state=seed,
-                          stratify=digits.target)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -89,17 +77,6 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 @functools.partial(jax.jit, static_argnums=0)
 def predict(model: nn.Module, params: Any, x: jax.Array) -> jax.Array:
   return jnp.argmax(model.apply({'params': params}, x), -1)
-
-
-def batch_indices(n_train: int, batch_size: int, steps: int,
-                  seed: int) -> np.ndarray:
-  """``[steps, batch_size]`` indices: shuffled epochs, the last batch dropped."""
-  rng = np.random.default_rng(seed)
-  per_epoch = n_train // batch_size
-  epochs = -(-steps // per_epoch)
-  order = np.concatenate([
-      rng.permutation(n_train)[:per_epoch * batch_size] for _ in range(epochs)])
-  return order.reshape(-1, batch_size)[:steps]
 
 
 def train(name: str, model: nn.Module, params: Any,

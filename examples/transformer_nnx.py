@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import mac_optax
 from mac_optax import nnx as mac_nnx
+from digits_data import batch_indices
+from digits_data import cross_entropy
+from digits_data import load_data
 
 
 class Block(nnx.Module):
@@ -83,30 +84,6 @@ class ViT(nnx.Module):
 
     x = self.norm(run_blocks(x, self.blocks))
     return self.head(x.mean(axis=1))
-
-
-def load_data(seed: int):
-  """Digits as ``[N, 8, 8]`` floats in [0, 1] and int labels, 75/25 split."""
-  digits = load_digits()
-  images = (digits.images / 16.0).astype(np.float32)
-  return train_test_split(images, digits.target.astype(np.int32),
-                          test_size=0.25, random_state=seed,
-                          stratify=digits.target)
-
-
-def batch_indices(n_train: int, batch_size: int, steps: int,
-                  seed: int) -> np.ndarray:
-  """``[steps, batch_size]`` indices: shuffled epochs, the last batch dropped."""
-  rng = np.random.default_rng(seed)
-  per_epoch = n_train // batch_size
-  epochs = -(-steps // per_epoch)
-  order = np.concatenate([
-      rng.permutation(n_train)[:per_epoch * batch_size] for _ in range(epochs)])
-  return order.reshape(-1, batch_size)[:steps]
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 @nnx.jit
@@ -179,7 +156,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
-  data = load_data(args.seed)
+  data = load_data(args.seed, channel_axis=False)
   x_train = data[0]
   per_epoch = len(x_train) // args.batch_size
   batches = batch_indices(len(x_train), args.batch_size, args.steps,

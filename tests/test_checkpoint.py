@@ -1,9 +1,5 @@
 """The optimizer state is a plain pytree: orbax round trip, bit-identical resume."""
 
-import importlib.util
-import os
-import pathlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +9,7 @@ import pytest
 
 import mac_optax
 from mac_optax import linen as mac_linen
+from tests.example_scripts import load_example
 
 ocp = pytest.importorskip('orbax.checkpoint')
 
@@ -96,19 +93,7 @@ def test_orbax_round_trip_and_bit_identical_resume(tmp_path):
 
 
 def _load_example():
-  root = pathlib.Path(__file__).resolve().parent.parent
-  saved = os.environ.get('XLA_FLAGS')
-  spec = importlib.util.spec_from_file_location(
-      'data_parallel', root / 'examples' / 'data_parallel.py')
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  finally:  # the example asks for 8 host devices; leave this process alone
-    if saved is None:
-      os.environ.pop('XLA_FLAGS', None)
-    else:
-      os.environ['XLA_FLAGS'] = saved
-  return module
+  return load_example('data_parallel')
 
 
 @pytest.mark.slow  # ~10 s of CPU per run of the example, mostly compiling

@@ -1,6 +1,5 @@
 """The README's Python snippets run, and the digits demo runs end to end."""
 
-import importlib.util
 import pathlib
 import re
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 
 import mac_optax
+from tests.example_scripts import load_example
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SKIP_MARK = '<!-- not tested -->'
@@ -30,11 +30,7 @@ def readme_snippets():
 
 
 def load_demo():
-  spec = importlib.util.spec_from_file_location(
-      'digits_cnn', ROOT / 'examples' / 'digits_cnn.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_example('digits_cnn')
 
 
 def test_readme_snippets_run():

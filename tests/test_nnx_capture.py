@@ -14,6 +14,7 @@ import mac_optax
 from mac_optax import linen as mac_linen
 from mac_optax import nnx as mac_nnx
 from tests import reference
+from tests.example_scripts import load_example
 
 # Deprecated NNX calls (e.g. `Module.sow` outside `nnx.capture`) must not be
 # reached from our code.
@@ -872,12 +873,5 @@ def test_nnx_optimizer_with_lazily_created_layer_state():
 @pytest.mark.slow
 @pytest.mark.parametrize('script', ['digits_cnn_nnx', 'transformer_nnx'])
 def test_examples_run(script):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(__file__).resolve().parent.parent / 'examples' / (
-      script + '.py')
-  spec = importlib.util.spec_from_file_location(script, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  results = module.main(['--steps', '3', '--no-progress'])
+  results = load_example(script).main(['--steps', '3', '--no-progress'])
   assert results and all(np.isfinite(r['train_loss']) for r in results)

@@ -11,6 +11,7 @@ import pytest
 
 import mac_optax
 from mac_optax import linen as mac_linen
+from tests.example_scripts import load_example
 from tests.test_first_layer import _naive_patches
 from tests.test_first_layer import init_params
 
@@ -250,13 +251,6 @@ def test_smac_preset_needs_and_uses_grad_sq():
 
 @pytest.mark.slow
 def test_reproduction_script_runs():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import pathlib  # pylint: disable=g-import-not-at-top
-  path = (pathlib.Path(__file__).resolve().parent.parent / 'examples'
-          / 'reproduce_cifar_recipe.py')
-  spec = importlib.util.spec_from_file_location('reproduce', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  results = module.main(['--epochs', '1', '--seeds', '1', '--no-progress'])
+  results = load_example('reproduce_cifar_recipe').main(['--epochs', '1', '--seeds', '1', '--no-progress'])
   assert len(results) == 3
   assert all(0.0 <= a <= 1.0 for accs in results.values() for a in accs)
