@@ -1,6 +1,5 @@
 """`mac_optax.multi_steps`: k micro-batches == one batch k times larger."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,19 +7,11 @@ import optax
 import pytest
 
 import mac_optax
-from mac_optax import linen as mac_linen
+from tests import small_mlp
 
 K = 4
 MICRO = 3
 OUTER_STEPS = 2
-
-
-class Mlp(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.tanh(nn.Dense(6)(x))
-    return nn.Dense(3)(x)
 
 
 def _data():
@@ -31,27 +22,10 @@ def _data():
   return x, y
 
 
-def _params(x):
-  shapes = jax.eval_shape(Mlp().init, jax.random.PRNGKey(0), x)['params']
-  rng = np.random.default_rng(1)
-  return jax.tree_util.tree_map(
-      lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
-
-
-def _grads(params, x, y):
-  def loss_fn(params):
-    with mac_linen.capture():
-      logits, v = Mlp().apply({'params': params}, x,
-                              mutable=['intermediates'])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, v['intermediates']
-  return jax.grad(loss_fn, has_aux=True)(params)
-
-
 def _train(tx, params, batches):
   @jax.jit
   def step(params, state, x, y):
-    grads, inter = _grads(params, x, y)
+    grads, inter = small_mlp.grads_and_statistics(params, x, y)
     updates, state = tx.update(grads, state, params, intermediates=inter)
     return optax.apply_updates(params, updates), state
 
@@ -74,8 +48,8 @@ def _micro_batches(x, y):
 @pytest.fixture(scope='module')
 def big_batch_run():
   x, y = _data()
-  params = _params(x[0])
-  like = mac_linen.intermediates_like(Mlp(), {'params': params}, x[0])
+  params = small_mlp.random_params(x[0], seed=1)
+  like = small_mlp.intermediates_like(params, x[0])
   return _train(_inner(like), params, list(zip(x, y)))
 
 
@@ -87,9 +61,8 @@ def _mac_state(state):
 
 def test_micro_batches_equal_one_big_batch(big_batch_run):
   x, y = _data()
-  params = _params(x[0])
-  like = mac_linen.intermediates_like(Mlp(), {'params': params},
-                                      x[0, :MICRO])
+  params = small_mlp.random_params(x[0], seed=1)
+  like = small_mlp.intermediates_like(params, x[0, :MICRO])
   tx = mac_optax.multi_steps(_inner(like), K, intermediates_like=like)
   got_params, got_state = _train(tx, params, _micro_batches(x, y))
   want_params, want_state = big_batch_run
@@ -111,9 +84,8 @@ def test_micro_batches_equal_one_big_batch(big_batch_run):
 def test_plain_multisteps_loses_earlier_micro_batches(big_batch_run):
   """The control: optax.MultiSteps alone uses the last micro-batch's ā."""
   x, y = _data()
-  params = _params(x[0])
-  like = mac_linen.intermediates_like(Mlp(), {'params': params},
-                                      x[0, :MICRO])
+  params = small_mlp.random_params(x[0], seed=1)
+  like = small_mlp.intermediates_like(params, x[0, :MICRO])
   tx = optax.MultiSteps(_inner(like), K)
   _, state = _train(tx, params, _micro_batches(x, y))
   got = _mac_state(state.inner_opt_state).layers['Dense_0'].mean
@@ -123,9 +95,8 @@ def test_plain_multisteps_loses_earlier_micro_batches(big_batch_run):
 
 def test_skipped_micro_step_is_not_accumulated():
   x, y = _data()
-  params = _params(x[0])
-  like = mac_linen.intermediates_like(Mlp(), {'params': params},
-                                      x[0, :MICRO])
+  params = small_mlp.random_params(x[0], seed=1)
+  like = small_mlp.intermediates_like(params, x[0, :MICRO])
 
   def skip_nonfinite(updates, gradient_step, params):
     del gradient_step, params
@@ -153,8 +124,8 @@ def test_skipped_micro_step_is_not_accumulated():
 
 def test_intermediates_must_match_the_template():
   x, _ = _data()
-  params = _params(x[0])
-  like = mac_linen.intermediates_like(Mlp(), {'params': params}, x[0])
+  params = small_mlp.random_params(x[0], seed=1)
+  like = small_mlp.intermediates_like(params, x[0])
   tx = mac_optax.multi_steps(_inner(like), 2, intermediates_like=like)
   state = tx.init(params)
   grads = jax.tree_util.tree_map(jnp.zeros_like, params)

@@ -1,14 +1,12 @@
 """The optimizer state is a plain pytree: orbax round trip, bit-identical resume."""
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import mac_optax
-from mac_optax import linen as mac_linen
+from tests import small_mlp
 from tests.example_scripts import load_example
 
 ocp = pytest.importorskip('orbax.checkpoint')
@@ -16,21 +14,12 @@ ocp = pytest.importorskip('orbax.checkpoint')
 STEPS = 4
 
 
-class Mlp(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(jnp.tanh(nn.Dense(6)(x)))
-
-
 def _setup():
   rng = np.random.default_rng(0)
   xs = rng.normal(size=(STEPS, 8, 5)).astype(np.float32) + 0.5
   ys = rng.integers(0, 3, size=(STEPS, 8)).astype(np.int32)
-  shapes = jax.eval_shape(Mlp().init, jax.random.PRNGKey(0), xs[0])['params']
-  params = jax.tree_util.tree_map(
-      lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
-  like = mac_linen.intermediates_like(Mlp(), {'params': params}, xs[0])
+  params = small_mlp.random_params(xs[0])
+  like = small_mlp.intermediates_like(params, xs[0])
   # inv_every=3: the refreshed vector and the step counter must both resume.
   tx = mac_optax.mac_sgd(0.1, momentum=0.9, damping=0.5, stat_decay=0.9,
                          inv_every=3, intermediates_like=like)
@@ -40,13 +29,7 @@ def _setup():
 def _step_fn(tx):
   @jax.jit
   def step(params, state, x, y):
-    def loss_fn(params):
-      with mac_linen.capture():
-        logits, v = Mlp().apply({'params': params}, x,
-                                mutable=['intermediates'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, v['intermediates']
-    grads, inter = jax.grad(loss_fn, has_aux=True)(params)
+    grads, inter = small_mlp.grads_and_statistics(params, x, y)
     updates, state = tx.update(grads, state, params, intermediates=inter)
     return optax.apply_updates(params, updates), state
   return step

@@ -8,36 +8,18 @@ import optax
 
 import mac_optax
 from mac_optax import linen as mac_linen
+from tests import small_mlp
 
 STEPS = 5
-
-
-class Mlp(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(jnp.tanh(nn.Dense(6)(x)))
 
 
 def _setup():
   rng = np.random.default_rng(0)
   xs = rng.normal(size=(STEPS, 8, 5)).astype(np.float32) + 0.5
   ys = rng.integers(0, 3, size=(STEPS, 8)).astype(np.int32)
-  shapes = jax.eval_shape(Mlp().init, jax.random.PRNGKey(0), xs[0])['params']
-  params = jax.tree_util.tree_map(
-      lambda s: jnp.asarray(0.5 * rng.normal(size=s.shape), s.dtype), shapes)
-  like = mac_linen.intermediates_like(Mlp(), {'params': params}, xs[0])
+  params = small_mlp.random_params(xs[0])
+  like = small_mlp.intermediates_like(params, xs[0])
   return params, xs, ys, like
-
-
-def _grads(params, x, y):
-  def loss_fn(params):
-    with mac_linen.capture():
-      logits, v = Mlp().apply({'params': params}, x,
-                              mutable=['intermediates'])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, v['intermediates']
-  return jax.grad(loss_fn, has_aux=True)(params)
 
 
 DAMPING = optax.linear_schedule(2.0, 0.25, STEPS - 1)
@@ -57,7 +39,7 @@ def _train(tx, params, xs, ys):
   @jax.jit
   def step(params, state, x, y):
     traces.append(1)  # runs only while tracing
-    grads, inter = _grads(params, x, y)
+    grads, inter = small_mlp.grads_and_statistics(params, x, y)
     updates, state = tx.update(grads, state, params, intermediates=inter)
     return optax.apply_updates(params, updates), state, updates
 
@@ -75,7 +57,7 @@ def test_damping_schedule_and_traced_stat_decay_match_fixed_values():
   assert float(state.hyperparams['damping']) == DAMPING(STEPS - 1)
   # Reference: a fresh `mac` with this step's damping as a Python float,
   # carrying the same MacState.
-  grads_fn = jax.jit(_grads)
+  grads_fn = jax.jit(small_mlp.grads_and_statistics)
   p, ref_state = params, None
   for t, (x, y) in enumerate(zip(xs, ys)):
     tx = mac_optax.mac(float(DAMPING(t)), 0.8, cov_every=2, inv_every=3)
