@@ -1,5 +1,6 @@
 """NNX capture: same statistics and updates as linen, dense references, nnx.Optimizer."""
 
+import inspect
 import threading
 
 import flax.linen as nn
@@ -15,6 +16,21 @@ from mac_optax import linen as mac_linen
 from mac_optax import nnx as mac_nnx
 from tests import reference
 from tests.example_scripts import load_example
+
+# nnx.MultiHeadAttention takes `is_causal=` from Flax 0.12.8 on; with older
+# releases the tests pass the same causal mask explicitly.
+HAS_IS_CAUSAL = 'is_causal' in inspect.signature(
+    nnx.MultiHeadAttention.__call__).parameters
+
+
+# nnx.as_pure (a State of plain arrays) exists from Flax 0.12.8 on.
+as_pure = getattr(nnx, 'as_pure', lambda state: state)
+
+
+def causal_call(mha, x):
+  if HAS_IS_CAUSAL:
+    return mha(x, is_causal=True)
+  return mha(x, mask=nnx.make_causal_mask(jnp.ones(x.shape[:-1], bool)))
 
 # Deprecated NNX calls (e.g. `Module.sow` outside `nnx.capture`) must not be
 # reached from our code.
@@ -272,7 +288,7 @@ def test_attention_factors_match_dense_reference(kind):
   x_q = _normal((b, n_q, d), 0, 0.5)
   if kind == 'causal_self':
     x_kv, mask, is_causal = x_q, None, True
-    call = lambda m, x: m(x, is_causal=True)
+    call = causal_call
     args = (x_q,)
   else:
     x_kv = _normal((b, n_kv, d), 1, -0.3)
@@ -391,7 +407,7 @@ class AttentionBlock(nnx.Module):
                                        deterministic=False, **INIT)
 
   def __call__(self, x):
-    return x + self.attn(x, is_causal=True)
+    return x + causal_call(self.attn, x)
 
 
 class ScannedTransformer(nnx.Module):
@@ -735,7 +751,7 @@ def test_intermediates_as_state_pure_state_or_dict_give_the_same_update():
   results = [
       update(g, i)
       for g, i in [(grads, inter),
-                   (nnx.as_pure(grads), nnx.as_pure(inter)),
+                   (as_pure(grads), as_pure(inter)),
                    (nnx.to_pure_dict(grads), nnx.to_pure_dict(inter))]]
   expected = nnx.to_pure_dict(results[0])
   assert not np.allclose(expected['layers'][1]['kernel'],
@@ -768,7 +784,7 @@ def _train(model, tx, steps, use_like=False):
 def _manual_training(model, tx, steps):
   """The same steps on pure dicts with `jax.value_and_grad` and `tx.update`."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.as_pure(rest)
+  params, rest = nnx.to_pure_dict(params), as_pure(rest)
   x, y = _data()
   opt_state = tx.init(params)
 
