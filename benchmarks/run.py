@@ -9,7 +9,9 @@ Run it in the environment of ``benchmarks/requirements-kfac.txt`` (jax 0.9.1,
 kfac-jax 0.0.8) so that all four optimizers run in one process; in another
 environment kfac-jax's import error is reported as its result. Results go to
 ``benchmarks/results.json`` (merged per section, so ``--only`` re-runs one
-section), ``benchmarks/RESULTS.md`` and ``benchmarks/*.png``.
+section), ``benchmarks/RESULTS.md`` and ``benchmarks/*.png``. ``--tag NAME``
+writes ``results_NAME.json`` instead (e.g. speed and capture under the newest
+jax, where kfac-jax cannot run); RESULTS.md shows those tables too.
 
 Sections (``--only`` takes a comma list):
   speed    whole jitted train step, interleaved, ratios to SGD-momentum
@@ -71,13 +73,13 @@ def speed_models(quick: bool):
       'ResNet': (models.ResNet((16, 32, 64)), 'x', (32, 32, 3), 10, 32,
                  'ResNet: 3×3 stem + 3 residual blocks (16/32/64 ch, '
                  'GroupNorm), 32×32×3, batch 32'),
-      'ViT': (models.ViT(patch=4, dim=128, depth=4, heads=4), 'x',
-              (32, 32, 3), 10, 32,
-              'ViT: 4×4 patches of 32×32×3 (64 tokens), d=128, 4 blocks, '
-              '4 heads, MLP 512, batch 32'),
-      'GPT': (models.GPT(96, 128, 128, 4, 4), 'tokens', (128,), 96, 16,
-              'GPT: vocab 96, context 128, d=128, 4 causal blocks, 4 heads, '
-              'MLP 512, batch 16'),
+      'ViT': (models.ViT(patch=4, dim=128, depth=2, heads=4), 'x',
+              (32, 32, 3), 10, 16,
+              'ViT: 4×4 patches of 32×32×3 (64 tokens), d=128, 2 blocks, '
+              '4 heads, MLP 512, batch 16'),
+      'GPT': (models.GPT(96, 128, 128, 2, 4), 'tokens', (128,), 96, 8,
+              'GPT: vocab 96, context 128, d=128, 2 causal blocks, 4 heads, '
+              'MLP 512, batch 8'),
   }
 
 
@@ -110,7 +112,11 @@ def _memory(compiled) -> dict:
 
 
 def _mac_state_bound(model, params, batch) -> dict:
-  """Σ over captured layers of (G·d_in + 1) floats, from the capture shapes."""
+  """Σ over captured layers of (G·d_in + 1) floats, from the capture shapes.
+
+  The ``+ 1`` per layer is its statistics counter; MAC's state also holds one
+  global step counter (a scalar), reported separately (``scalars``).
+  """
   def captured(p):
     with mac_optax.linen.capture():
       _, v = model.apply({'params': p}, batch[0], mutable=['intermediates'])
@@ -121,7 +127,7 @@ def _mac_state_bound(model, params, batch) -> dict:
     stack = int(np.prod(leaf.shape[:-2])) if leaf.ndim > 2 else 1
     total += stack * (leaf.shape[-2] * leaf.shape[-1] + 1)
     layers += stack
-  return dict(floats=total, layers=layers)
+  return dict(floats=total, layers=layers, scalars=1)
 
 
 def _interleaved(fns: dict, repeats: int, inner: int, desc: str) -> dict:
@@ -270,20 +276,25 @@ def bench_capture(quick: bool, out: dict):
 
 
 def convergence_tasks(quick: bool):
+  # Full run: fewer steps on the small digits set (200 steps of 64 ≈ 9
+  # epochs) and 300 for the GPT, to fit the grid × seeds into ~20 minutes of
+  # a shared 2-core CPU.
   steps_n = 60 if quick else 400
+  digits_n = 60 if quick else 200
+  gpt_n = 60 if quick else 300
   gpt_ctx = 32 if quick else 64
   tasks = {
       'digits-CNN': dict(data='digits', model=models.SmallCNN(),
-                         metric='accuracy', target=0.95, steps=steps_n,
+                         metric='accuracy', target=0.95, steps=digits_n,
                          batch=64, desc='SmallCNN (conv 32, conv 64, '
                          'avgpool, dense 128) on sklearn digits'),
       'digits-ViT': dict(data='digits',
                          model=models.ViT(patch=2, dim=64, depth=2, heads=4),
-                         metric='accuracy', target=0.90, steps=steps_n,
+                         metric='accuracy', target=0.90, steps=digits_n,
                          batch=64, desc='ViT 2×2 patches (16 tokens), d=64, '
                          '2 blocks, 4 heads, on sklearn digits'),
       'pydoc-GPT': dict(data='pydoc', model=models.GPT(96, gpt_ctx, 64, 2, 4),
-                        metric='loss', target=2.3, steps=steps_n, batch=32,
+                        metric='loss', target=2.3, steps=gpt_n, batch=32,
                         desc=f'char GPT d=64, 2 blocks, 4 heads, context '
                         f'{gpt_ctx}, on pydoc_data.topics'),
   }
@@ -370,6 +381,28 @@ def _time_to_target(curve, metric, target):
   return None, None
 
 
+# An optimizer whose whole grid (lrs × seeds × steps) is projected, from its
+# measured step time, to take longer than this on the shared CPU is not run
+# on that task; the result records the measured step time and projection.
+GRID_BUDGET_S = 300.0
+
+
+def _projected_grid_s(compiled, trainer, task, data, runs):
+  """Seconds the grid would take, from 3 timed steps after a warm-up."""
+  x0 = jnp.asarray(data.x_train[:task['batch']])
+  y0 = jnp.asarray(data.y_train[:task['batch']])
+  params = task['model'].init(jax.random.PRNGKey(0), x0)['params']
+  state = trainer.init(params, (x0, y0))
+  state, loss = compiled(state, (x0, y0), F32(0.0))
+  loss.block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(3):
+    state, loss = compiled(state, (x0, y0), F32(0.0))
+  loss.block_until_ready()
+  step_s = (time.perf_counter() - t0) / 3
+  return step_s, step_s * task['steps'] * runs
+
+
 def bench_convergence(quick: bool, out: dict):
   tasks, gpt_ctx = convergence_tasks(quick)
   seeds = [0] if quick else [0, 1, 2]
@@ -402,6 +435,17 @@ def bench_convergence(quick: bool, out: dict):
         _, compiled, _ = _compile(trainer, params0, (x0, y0))
       except Exception as err:  # pylint: disable=broad-except
         entry['opt'][name] = dict(error=steps.short_error(err))
+        continue
+      step_s, projected = _projected_grid_s(
+          compiled, trainer, task, data, len(grids[name]) * len(seeds))
+      if projected > GRID_BUDGET_S:
+        entry['opt'][name] = dict(skipped=(
+            f'not run: its step took {1e3 * step_s:.0f} ms here, so '
+            f'{len(grids[name])} lrs × {len(seeds)} seeds × {task["steps"]} '
+            f'steps would take ~{projected / 60:.0f} min (> '
+            f'{GRID_BUDGET_S / 60:.0f} min budget per optimizer and task on '
+            'this shared 2-core CPU)'), step_s=step_s)
+        tqdm.write(f'converge: {tname} {name} skipped ({projected:.0f} s)')
         continue
       runs = {}
       for lr in tqdm(grids[name], desc=f'{tname} {name}', leave=False):
@@ -458,10 +502,17 @@ def main(argv=None):
   parser.add_argument('--only', default='speed,scaling,capture,converge',
                       help='comma list of sections (memory is part of speed)')
   parser.add_argument('--no-report', action='store_true')
+  parser.add_argument('--tag', default='',
+                      help='write results_TAG.json instead (another '
+                      'environment, e.g. the newest jax without kfac-jax); '
+                      'RESULTS.md shows its speed and capture tables beside '
+                      'the main ones')
   args = parser.parse_args(argv)
+  results_json = (os.path.join(HERE, f'results_{args.tag}.json') if args.tag
+                  else RESULTS_JSON)
   out = {}
-  if os.path.exists(RESULTS_JSON):
-    with open(RESULTS_JSON) as f:
+  if os.path.exists(results_json):
+    with open(results_json) as f:
       out = json.load(f)
     if out.get('quick') != args.quick:
       out = {}
@@ -475,11 +526,12 @@ def main(argv=None):
     end_load = machine()['load']
     out['machine_runs'][section] = dict(start, load_end=end_load,
                                         seconds=time.perf_counter() - t0)
-    with open(RESULTS_JSON, 'w') as f:
+    with open(results_json, 'w') as f:
       json.dump(out, f)
     tqdm.write(f'{section}: {time.perf_counter() - t0:.0f} s')
-  if not args.no_report:
-    report.write(out, HERE)
+  if not args.no_report and os.path.exists(RESULTS_JSON):
+    with open(RESULTS_JSON) as f:
+      report.write(json.load(f), HERE)
 
 
 if __name__ == '__main__':
