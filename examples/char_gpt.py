@@ -66,9 +66,9 @@ def optimizer(name, lr, steps, shapes):
   """The optimizer `name` at peak lr `lr`; capture() kwargs (None: no capture).
 
   Decoupled weight decay ``p ← p − lr·wd·p`` on matrices: AdamW's usual
-  ``wd = 0.1``, and ``wd = 1e-3`` for MAC and SGD, so that at the default
-  learning rates (3e-3 and 0.3) every optimizer decays by the same 3e-4 per
-  step.
+  ``wd = 0.1``, and ``wd = 1e-3`` for MAC and SGD, so that MAC and AdamW at
+  their default learning rates (1.0 and 1e-2, chosen by ``--sweep``) decay
+  by the same 1e-3 per step.
   """
   warmup = max(1, steps // 20)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps,
@@ -203,10 +203,10 @@ def main(argv=None):
   parser.add_argument('--dim', type=int, default=64)
   parser.add_argument('--depth', type=int, default=2)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--mac-lr', type=float, default=0.3,
+  parser.add_argument('--mac-lr', type=float, default=1.0,
                       help="peak lr of 'MAC' and 'MAC + lookup'")
   parser.add_argument('--sgd-lr', type=float, default=0.3)
-  parser.add_argument('--adam-lr', type=float, default=3e-3)
+  parser.add_argument('--adam-lr', type=float, default=1e-2)
   parser.add_argument('--sweep', action='store_true',
                       help='first choose each lr from lr × {1/3, 1, 3} on a '
                       'held-out part of the training text')
