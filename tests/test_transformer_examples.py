@@ -1,27 +1,14 @@
 """Smoke tests of the transformer examples (a few steps each, slow)."""
 
-import importlib.util
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
-
-
-def _load(script):
-  spec = importlib.util.spec_from_file_location(script,
-                                                EXAMPLES / f'{script}.py')
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[script] = module   # as `python examples/<script>.py` would
-  spec.loader.exec_module(module)
-  return module
+from tests.example_scripts import load_example
 
 
 @pytest.mark.slow
 def test_vit_digits_runs(tmp_path, capsys):
-  rows = _load('vit_digits').main([
+  rows = load_example('vit_digits').main([
       '--epochs', '1', '--seeds', '1', '--no-progress', '--out',
       str(tmp_path)])
   assert [r['optimizer'] for r in rows] == ['MAC', 'AdamW', 'SGD']
@@ -33,7 +20,7 @@ def test_vit_digits_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_char_gpt_runs(tmp_path, capsys):
-  rows = _load('char_gpt').main([
+  rows = load_example('char_gpt').main([
       '--steps', '5', '--eval-every', '5', '--val-windows', '8',
       '--sample-length', '8', '--no-progress', '--out', str(tmp_path)])
   assert [r['optimizer'] for r in rows] == ['MAC', 'MAC + lookup', 'SGD',
