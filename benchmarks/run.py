@@ -162,7 +162,7 @@ def _timed_runner(compiled, state, batch, inner):
 
 def bench_speed_memory(quick: bool, out: dict):
   # `inner` is a multiple of kfac's inverse period: its inverses amortized.
-  repeats, inner = (3, 5) if quick else (7, 5)
+  repeats, inner = (3, 5) if quick else (15, 5)
   speed, memory = {}, {}
   for mname, (model, kind, shape, classes, bsz, desc) in tqdm(
       speed_models(quick).items(), desc='speed+memory'):
@@ -242,7 +242,7 @@ def bench_scaling(quick: bool, out: dict):
 
 
 def bench_capture(quick: bool, out: dict):
-  repeats, inner = (3, 3) if quick else (7, 10)
+  repeats, inner = (3, 3) if quick else (15, 10)
   rows = {}
   for mname, (model, kind, shape, classes, bsz, _) in tqdm(
       speed_models(quick).items(), desc='capture'):
