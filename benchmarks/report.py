@@ -475,7 +475,7 @@ def write(out: dict, outdir: str):
            f'process keeps the *ratios* comparable; absolute milliseconds and '
            f'wall-clock times are inflated and noisy under load.', '']
   notes = os.path.join(outdir, 'notes.md')
-  if os.path.exists(notes):
+  if os.path.exists(notes) and not out.get('quick'):  # notes: the full run
     with open(notes) as f:
       head += [f.read().strip(), '']
   head += ['## Summary (generated)', '']
