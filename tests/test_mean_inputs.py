@@ -53,3 +53,26 @@ def test_dense_mean_over_general_axes_in_kernel_order():
 def test_statistics_are_float32_for_bfloat16_inputs():
   x = jnp.ones((4, 3), jnp.bfloat16)
   assert mean_inputs.dense_mean(x).dtype == jnp.float32
+
+
+@pytest.mark.parametrize('as_contraction', [False, True])
+def test_both_forms_of_the_batch_sum_are_exact(monkeypatch, as_contraction):
+  """The form chosen per jax release (sum or ones-contraction) changes nothing."""
+  monkeypatch.setattr(mean_inputs, '_SUM_AS_CONTRACTION', as_contraction)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+  np.testing.assert_allclose(mean_inputs.sum_leading(x), x.sum(0), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(mean_inputs.sum_leading(x, axes=2),
+                             x.sum((0, 1)), rtol=1e-5, atol=1e-6)
+  half = mean_inputs.sum_leading(jnp.asarray(x, jnp.bfloat16))
+  assert half.dtype == jnp.float32
+  np.testing.assert_allclose(
+      mean_inputs.dense_mean(x, axis=(-1,))[0], x.reshape(-1, 4).mean(0),
+      rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      mean_inputs.conv_mean_patch(
+          x[..., :4], (2, 3), strides=(1, 2), padding=[(1, 0), (1, 1)],
+          input_dilation=(1, 1), kernel_dilation=(1, 1)),
+      _explicit_mean_patch(x, (2, 3), (1, 2), [(1, 0), (1, 1)], (1, 1),
+                           (1, 1), 1), rtol=1e-5, atol=1e-6)

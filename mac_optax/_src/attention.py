@@ -61,12 +61,11 @@ def key_weights(probs: jax.Array) -> jax.Array:
     >>> key_weights(p).shape
     (2, 5)
   """
-  dtype = mean_inputs.stat_dtype(probs.dtype)
-  probs = jax.lax.stop_gradient(probs).astype(dtype)
+  probs = jax.lax.stop_gradient(probs)
   heads, queries = probs.shape[-3], probs.shape[-2]
-  # A contraction instead of jnp.mean (XLA:CPU reduces faster as a dot).
-  ones = jnp.full((heads, queries), 1.0 / (heads * queries), dtype)
-  return jnp.einsum('...hij,hi->...j', probs, ones)
+  # Heads and queries to the front, to sum them like any batch axes.
+  probs = jnp.moveaxis(probs, (-3, -2), (0, 1))
+  return mean_inputs.sum_leading(probs, axes=2) / (heads * queries)
 
 
 def mixed_mean(weights: jax.Array, inputs: jax.Array,

@@ -29,16 +29,30 @@ def stat_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, STAT_DTYPE)
 
 
-def _mean_rows(x: jax.Array) -> jax.Array:
-  """Mean over axis 0 of a 2-D array, as a matvec with a ones vector.
+# XLA:CPU lowers a sum over the leading axis very differently across jax
+# releases (benchmarks/RESULTS.md). From jax 0.10 on, ``jnp.sum(x, 0)`` of a
+# [128, 32, 32, 64] array takes 92 ms and a contraction with a ones vector
+# 1.2 ms (spec §7); with jax 0.9.1 the sum takes 3 ms and the contraction
+# 40 ms, which made capture cost up to 2x a forward pass. Each release gets
+# the form it runs fast; both are exact sums.
+_SUM_AS_CONTRACTION = jax.__version_info__ >= (0, 10)
 
-  XLA:CPU reduces ``x.sum(0)`` of a large array far slower than it runs the
-  equivalent einsum (spec §7: 49 ms against 0.7 ms).
-  """
-  rows = x.shape[0]
-  weights = jnp.full((rows,), 1.0 / max(rows, 1), dtype=x.dtype)
-  return jnp.einsum('n,nd->d', weights, x,
-                    preferred_element_type=stat_dtype(x.dtype))
+
+def sum_leading(x: jax.Array, axes: int = 1) -> jax.Array:
+  """``Σ`` over the first `axes` axes of `x`, accumulated in ``stat_dtype``."""
+  dtype = stat_dtype(x.dtype)
+  if not _SUM_AS_CONTRACTION:
+    return jnp.sum(x, axis=tuple(range(axes)), dtype=dtype)
+  lead = x.shape[:axes]
+  ones = jnp.ones(lead, x.dtype)
+  letters = 'abcdefgh'[:axes]
+  return jnp.einsum(f'{letters},{letters}...->...', ones, x,
+                    preferred_element_type=dtype)
+
+
+def _mean_rows(x: jax.Array) -> jax.Array:
+  """Mean over axis 0 of a 2-D array."""
+  return sum_leading(x) / max(x.shape[0], 1)
 
 
 def dense_mean(x: jax.Array, axis: Sequence[int] = (-1,)) -> jax.Array:
@@ -127,8 +141,7 @@ def conv_mean_patch(
   # channel-sharded input (tensor parallelism) all-gather.
   images = x.reshape(-1, *spatial, channels)
   batch = images.shape[0]
-  summed = jnp.einsum('b,b...->...', jnp.ones((batch,), x.dtype), images,
-                      preferred_element_type=stat_dtype(x.dtype))
+  summed = sum_leading(images)
   outputs = conv_output_count(spatial, kernel_size, strides, padding,
                               input_dilation, kernel_dilation)
   # Contract one spatial axis at a time; each step turns the leading
