@@ -34,6 +34,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mac_optax  # pylint: disable=g-import-not-at-top
+from digits_data import cross_entropy  # pylint: disable=g-import-not-at-top
 from transformer_models import ViT  # pylint: disable=g-import-not-at-top
 
 
@@ -77,11 +78,6 @@ def optimizer(name, lr, steps, shapes):
         schedule, weight_decay=1e-4, mask=mask)), False
   return optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(
       schedule, momentum=0.9)), False
-
-
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                         labels).mean()
 
 
 def train(name, lr, seed, model, data, args, progress=True):
