@@ -23,9 +23,31 @@ Run::
     python examples/data_parallel.py                       # ... resumes at 150
     python examples/data_parallel.py --fresh               # ignore checkpoints
 
-Several hosts (TPU pod, SLURM): start the same command on every host with
-``--distributed`` (calls ``jax.distributed.initialize()``); each host feeds
-its slice of the global batch and the checkpoint dir must be shared.
+Several processes (TPU pod, GPU cluster, SLURM): start the same command in
+every process with ``--distributed``. It calls ``jax.distributed.initialize``
+with ``--coordinator-address`` / ``--num-processes`` / ``--process-id``, each
+defaulting to the environment variable ``JAX_COORDINATOR_ADDRESS`` /
+``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``; where all three are unset, JAX
+detects them itself (SLURM, Cloud TPU, Open MPI, ...). The mesh spans the
+devices of every process; each process feeds its own contiguous slice of the
+global batch (``jax.make_array_from_process_local_data``), and XLA all-reduces
+gradients and MAC's mean inputs across processes. Every process writes its
+shards of a checkpoint and reads them back, so ``--ckpt-dir`` must be one
+directory that all processes see (a shared file system or a bucket).
+
+Two processes on one machine, two CPU devices each (collectives over gloo),
+the way ``tests/test_multiprocess.py`` runs it::
+
+    for i in 0 1; do
+      XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
+      python examples/data_parallel.py --distributed --process-id $i \
+        --num-processes 2 --coordinator-address 127.0.0.1:12345 --fresh &
+    done; wait
+
+On a SLURM cluster (one task per host, JAX reads SLURM's variables)::
+
+    srun python examples/data_parallel.py --distributed \
+        --ckpt-dir /shared/ckpt
 """
 
 from __future__ import annotations
@@ -51,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -93,6 +116,21 @@ def global_batch(sharding: NamedSharding, *arrays: np.ndarray):
   return out
 
 
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  return None if value is None else int(value)
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+  """Joins the other processes; must run before anything touches a device."""
+  # CPU processes exchange collectives over gloo (the default from jax 0.10
+  # on, not before); accelerators ignore this setting.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                             num_processes=args.num_processes,
+                             process_id=args.process_id)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=300)
@@ -110,7 +148,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument('--fresh', action='store_true',
                       help='delete existing checkpoints first')
   parser.add_argument('--distributed', action='store_true',
-                      help='call jax.distributed.initialize() (multi-host)')
+                      help='call jax.distributed.initialize() (multi-process)')
+  parser.add_argument(
+      '--coordinator-address', default=os.environ.get('JAX_COORDINATOR_ADDRESS'),
+      help='host:port of process 0 (default $JAX_COORDINATOR_ADDRESS, else '
+      'detected by JAX)')
+  parser.add_argument(
+      '--num-processes', type=int, default=_env_int('JAX_NUM_PROCESSES'),
+      help='default $JAX_NUM_PROCESSES, else detected by JAX')
+  parser.add_argument(
+      '--process-id', type=int, default=_env_int('JAX_PROCESS_ID'),
+      help='default $JAX_PROCESS_ID, else detected by JAX')
   parser.add_argument('--no-progress', action='store_true')
   return parser.parse_args(argv)
 
@@ -118,7 +166,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   args = parse_args(argv)
   if args.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(args)
   devices = jax.devices()
   if args.batch_size % len(devices):
     raise ValueError(f'--batch-size {args.batch_size} is not a multiple of '
@@ -148,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   ckpt_dir = pathlib.Path(args.ckpt_dir).absolute()
   if args.fresh and ckpt_dir.exists() and jax.process_index() == 0:
     shutil.rmtree(ckpt_dir)
+  # No process may look for checkpoints before the old ones are gone.
+  multihost_utils.sync_global_devices('data_parallel: fresh ckpt dir')
   manager = ocp.CheckpointManager(
       ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
   start = manager.latest_step() or 0
