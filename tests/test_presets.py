@@ -1,6 +1,7 @@
 """Presets: each builds and steps; CIFAR follows the authors' update rules."""
 
 import functools
+import inspect
 
 import flax.linen as nn
 import jax
@@ -254,3 +255,22 @@ def test_reproduction_script_runs():
   results = load_example('reproduce_cifar_recipe').main(['--epochs', '1', '--seeds', '1', '--no-progress'])
   assert len(results) == 3
   assert all(0.0 <= a <= 1.0 for accs in results.values() for a in accs)
+
+
+@pytest.mark.parametrize('name', ['cifar', 'imagenet', 'vit', 'nanogpt'])
+def test_preset_signatures_carry_the_recipe_table(name):
+  parameters = inspect.signature(getattr(mac_optax.presets, name)).parameters
+  for key, value in mac_optax.presets.RECIPES[name].items():
+    if key != 'batch_size':
+      assert parameters[key].default == value, key
+  assert set(mac_optax.presets.STATIC_ARGS) <= set(parameters)
+
+
+def test_warmup_cosine_equals_optax_schedule():
+  # The presets' own warmup-cosine (traceable peak) is optax's schedule.
+  from mac_optax._src.presets import _warmup_cosine  # pylint: disable=g-import-not-at-top
+  ours = _warmup_cosine(0.5, 100, 10, 6e-5)
+  theirs = optax.warmup_cosine_decay_schedule(0.0, 0.5, 10, 100, 6e-5)
+  np.testing.assert_allclose([ours(t) for t in range(0, 120, 7)],
+                             [theirs(t) for t in range(0, 120, 7)],
+                             rtol=1e-5, atol=1e-8)
