@@ -13,6 +13,7 @@ from mac_optax._src.alias import mac_sgd
 from mac_optax._src.statistics import ATTEND_MEAN
 from mac_optax._src.statistics import LOOKUP_MEAN
 from mac_optax._src.statistics import MEAN
+from mac_optax._src.train_state import TrainState
 from mac_optax._src.transform import LayerState
 from mac_optax._src.transform import mac
 from mac_optax._src.transform import MacState
@@ -26,6 +27,7 @@ __all__ = [
     'MEAN',
     'MacState',
     'MultiStepsMacState',
+    'TrainState',
     'attention',
     'diagnostics',
     'first_layer',
