@@ -1,32 +1,21 @@
 """The README's Python snippets run, and the digits demo runs end to end."""
 
 import pathlib
-import re
 
 import jax
 import numpy as np
 import pytest
 
 import mac_optax
+from tests import markdown_snippets
 from tests.example_scripts import load_example
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SKIP_MARK = '<!-- not tested -->'
 
 
 def readme_snippets():
-  """``(line, code)`` of every ```python block of README.md, in order.
-
-  A block preceded by the line ``<!-- not tested -->`` is left out.
-  """
-  text = (ROOT / 'README.md').read_text(encoding='utf-8')
-  snippets = []
-  for match in re.finditer(r'^```python\n(.*?)^```', text, re.S | re.M):
-    before = text[:match.start()].rstrip().splitlines()
-    if before and before[-1].strip() == SKIP_MARK:
-      continue
-    snippets.append((text.count('\n', 0, match.start()) + 1, match.group(1)))
-  return snippets
+  """``(line, code)`` of every tested ```python block of README.md, in order."""
+  return markdown_snippets.python_blocks(ROOT / 'README.md')
 
 
 def load_demo():
@@ -37,13 +26,8 @@ def test_readme_snippets_run():
   snippets = readme_snippets()
   assert any('intermediates=inter' in code for _, code in snippets), (
       "README lost the usage snippet with tx.update(..., intermediates=...)")
-  namespace = {'__name__': 'readme'}
-  for line, code in snippets:
-    try:
-      exec(compile(code, f'README.md:{line}', 'exec'), namespace)  # pylint: disable=exec-used
-    except Exception as error:  # pylint: disable=broad-except
-      pytest.fail(f'README.md python block at line {line} failed: '
-                  f'{type(error).__name__}: {error}')
+  namespace = markdown_snippets.run_python_blocks(ROOT / 'README.md',
+                                                  'README.md')
   # The usage snippet's model mixes Conv, DenseGeneral and Dense: all three
   # must have been preconditioned (state created), and the step be finite.
   state = namespace['opt_state']
