@@ -17,6 +17,7 @@ if __name__ == '__main__':
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import collections
 import functools
 import json
 import re
@@ -41,14 +42,16 @@ STEPS = 2
 
 class Net(nn.Module):
   """Conv → Conv → mean-pool → Dense → Dense: every kind of split below."""
+  features: tuple[int, int, int, int] = (4, 8, 16, 3)
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Conv(4, (3, 3))(x))   # [3, 3, 2, 4]: split on c_out
-    x = nn.relu(nn.Conv(8, (3, 3))(x))   # [3, 3, 4, 8]: split on c_in
+    conv_0, conv_1, dense_0, dense_1 = self.features
+    x = nn.relu(nn.Conv(conv_0, (3, 3))(x))   # [3, 3, 2, 4]: split on c_out
+    x = nn.relu(nn.Conv(conv_1, (3, 3))(x))   # [3, 3, 4, 8]: split on c_in
     x = x.mean((1, 2))
-    x = nn.relu(nn.Dense(16)(x))         # [8, 16]: split on d_out
-    return nn.Dense(3)(x)                # [16, 3]: split on d_in
+    x = nn.relu(nn.Dense(dense_0)(x))         # [8, 16]: split on d_out
+    return nn.Dense(dense_1)(x)               # [16, 3]: split on d_in
 
 
 # Tensor-parallel layout over the 'model' mesh axis.
@@ -67,25 +70,25 @@ def _data():
   return x, y
 
 
-def _params(x):
-  shapes = jax.eval_shape(Net().init, jax.random.PRNGKey(0), x)['params']
+def _params(x, model=Net()):
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)['params']
   rng = np.random.default_rng(1)
   return jax.tree_util.tree_map(
       lambda s: jnp.asarray(0.4 * rng.normal(size=s.shape), s.dtype), shapes)
 
 
-def _optimizer(params, x, axis_name=None):
-  like = mac_linen.intermediates_like(Net(), {'params': params}, x)
+def _optimizer(params, x, axis_name=None, model=Net()):
+  like = mac_linen.intermediates_like(model, {'params': params}, x)
   return mac_optax.mac_sgd(0.1, momentum=0.9, damping=0.5, stat_decay=0.9,
                            axis_name=axis_name, intermediates_like=like)
 
 
-def train_step(tx, axis_name=None):
+def train_step(tx, axis_name=None, model=Net()):
   """One training step; the same code on one device, a mesh and pmap."""
 
   def loss_fn(params, x, y):
     with mac_linen.capture():
-      logits, v = Net().apply({'params': params}, x,
+      logits, v = model.apply({'params': params}, x,
                               mutable=['intermediates'])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, v['intermediates']
@@ -108,11 +111,11 @@ def _counting(fn, traces):
 
 
 @functools.cache
-def _single_device():
+def _single_device(model=Net()):
   x, y = _data()
-  params = _params(x)
-  tx = _optimizer(params, x)
-  step = jax.jit(train_step(tx))
+  params = _params(x, model)
+  tx = _optimizer(params, x, model=model)
+  step = jax.jit(train_step(tx, model=model))
   state = tx.init(params)
   for _ in range(STEPS):
     params, state = step(params, state, x, y)
@@ -275,6 +278,330 @@ def check_no_kernel_all_gather():
         f'all-gather of {shape} is larger than any statistic vector')
   return (f'all-gathers in the compiled step: {gathered or "none"} '
           f'(kernels {kernels})')
+
+
+# --------------------------------------------------------------------------
+# shard_map: the step written per device, MAC told the axis to average over.
+
+
+def _shard_map():
+  """``jax.shard_map`` where jax has it, else the experimental original."""
+  if hasattr(jax, 'shard_map'):
+    return jax.shard_map
+  from jax.experimental.shard_map import shard_map  # pylint: disable=g-import-not-at-top
+  return shard_map
+
+
+def shard_map_step(tx, global_batch):
+  """The per-device step: a share of the global loss, MAC's own ``pmean``.
+
+  shard_map's ``jax.grad`` of replicated (``P()``) parameters already sums
+  the per-device cotangents (the transpose of their implicit broadcast), so
+  each device's loss is its part of the global mean and the gradients need
+  no ``pmean``. MAC's statistics are per-device means: ``axis_name`` has
+  ``mac`` average them.
+  """
+  def loss_fn(params, x, y):
+    with mac_linen.capture():
+      logits, v = Net().apply({'params': params}, x,
+                              mutable=['intermediates'])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return losses.sum() / global_batch, v['intermediates']
+
+  def step(params, state, x, y):
+    grads, inter = jax.grad(loss_fn, has_aux=True)(params, x, y)
+    updates, state = tx.update(grads, state, params, intermediates=inter)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def check_shard_map_matches_jit():
+  """shard_map over 8 devices with ``mac(axis_name=...)`` == jit on one."""
+  x, y = _data()
+  params = _params(x)
+  n = jax.device_count()
+  tx = _optimizer(params, x[:GLOBAL_BATCH // n], axis_name='data')
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  traces = []
+  # Parameters and state replicated, the batch split; outputs must be
+  # replicated too, which shard_map verifies (no per-device drift).
+  step = jax.jit(_shard_map()(
+      _counting(shard_map_step(tx, GLOBAL_BATCH), traces), mesh=mesh,
+      in_specs=(P(), P(), P('data'), P('data')), out_specs=(P(), P())))
+  replicated = NamedSharding(mesh, P())
+  params, state = jax.device_put((params, tx.init(params)), replicated)
+  x, y = jax.device_put((x, y), NamedSharding(mesh, P('data')))
+  for _ in range(STEPS):
+    params, state = step(params, state, x, y)
+  assert len(traces) == 1, f'shard_map step traced {len(traces)} times'
+  _close((params, state), _single_device(), 'shard_map vs jit')
+  return 'params and MAC state equal the single-device jit run'
+
+
+# --------------------------------------------------------------------------
+# FSDP (ZeRO-3, as in MaxText): every kernel, its momentum and its MAC state
+# split over the data axis, which also splits the batch.
+
+# Every kernel is larger than any layer's d_in + d_out, so a collective of
+# vector size can never be a kernel in disguise.
+FSDP_NET = Net(features=(16, 8, 32, 8))
+#   Conv_0 [3, 3, 2, 16] split on c_out; Conv_1 [3, 3, 16, 8] on c_in;
+#   Dense_0 [8, 32] on d_out; Dense_1 [32, 8] on d_in.
+
+
+def fsdp_spec(shape, n) -> P:
+  """The largest axis divisible by `n` over 'data' (first of ties), else none."""
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % n == 0:
+      spec = [None] * len(shape)
+      spec[axis] = 'data'
+      return P(*spec)
+  return P()
+
+
+def _fsdp_mesh():
+  return Mesh(np.array(jax.devices()), ('data',))
+
+
+def _plain_step(tx, model):
+  """SGD's step: the same loss, no statistics captured."""
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def dense_input_preconditioner() -> optax.GradientTransformation:
+  """A KFAC-style ``A⁻¹ Ĝ`` with a dense ``d_in × d_in`` factor: the control.
+
+  Applying a full input-side matrix mixes every row of the kernel, which a
+  row-split kernel cannot do without gathering or reducing kernel-sized data.
+  """
+  def precondition(g):
+    if g.ndim < 2:
+      return g
+    flat = g.reshape(-1, g.shape[-1])
+    d_in = flat.shape[0]
+    factor = jnp.eye(d_in, dtype=g.dtype) + 1 / d_in
+    return (factor @ flat).reshape(g.shape)
+
+  return optax.stateless(
+      lambda updates, _: jax.tree_util.tree_map(precondition, updates))
+
+
+def _on_mesh(sharding, mesh):
+  """`sharding` if it spans `mesh`; else (a constant on one device) replicated."""
+  if sharding.device_set == set(mesh.devices.flat):
+    return sharding
+  return NamedSharding(mesh, P())
+
+
+def _split_mean(path, sharding, params, mesh):
+  """ā split like the kernel's rows where the kernel is split on its rows.
+
+  Only a split of the kernel's leading input axis cuts the flattened
+  ``d_in`` into contiguous pieces; any other ā stays replicated (``d_in``
+  floats).
+  """
+  keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+  if 'layers' not in keys or keys[-1] not in ('mean', 'precond_mean'):
+    return sharding
+  kernel = params[keys[keys.index('layers') + 1]]['kernel']
+  if fsdp_spec(kernel.shape, mesh.devices.size)[0] == 'data':
+    return NamedSharding(mesh, P(None, 'data'))
+  return sharding
+
+
+@functools.cache
+def _fsdp_runs():
+  """``{name: (params, state, param shardings, hlo)}`` of MAC, SGD, control."""
+  model, mesh = FSDP_NET, _fsdp_mesh()
+  n = mesh.devices.size
+  x, y = _data()
+  host_params = _params(x, model)
+  shardings = jax.tree_util.tree_map(
+      lambda p: NamedSharding(mesh, fsdp_spec(p.shape, n)), host_params)
+  batch = NamedSharding(mesh, P('data'))
+  x, y = jax.device_put(x, batch), jax.device_put(y, batch)
+  mac_tx = _optimizer(host_params, x, model=model)
+  sgd = optax.sgd(0.1, momentum=0.9)
+  runs = {
+      'mac': (mac_tx, train_step(mac_tx, model=model)),
+      'sgd': (sgd, _plain_step(sgd, model)),
+      'control': (optax.chain(dense_input_preconditioner(), sgd),
+                  _plain_step(sgd, model)),
+  }
+  out = {}
+  for name, (tx, step) in runs.items():
+    if name == 'control':
+      step = _plain_step(runs['control'][0], model)
+    params = jax.device_put(host_params, shardings)
+    state_shapes = jax.eval_shape(tx.init, params)
+    # Momentum like its parameter; MAC's O(d_in) vectors wherever the
+    # partitioner puts them (it splits ā like a kernel split on d_in).
+    state_shardings = optax.tree_map_params(
+        tx, lambda _, s: s,
+        jax.tree_util.tree_map(lambda _: None, state_shapes),
+        shardings, transform_non_params=lambda _: None,
+        is_leaf=lambda v: v is None)
+    init = jax.jit(tx.init)
+    state = init(params)
+    state_shardings = jax.tree_util.tree_map(
+        lambda want, got: want if want is not None or got is None
+        else _on_mesh(got.sharding, mesh),
+        state_shardings, state, is_leaf=lambda v: v is None)
+    state_shardings = jax.tree_util.tree_map_with_path(
+        lambda path, sharding: _split_mean(path, sharding, host_params, mesh),
+        state_shardings)
+    state = jax.device_put(state, state_shardings)
+    compiled = jax.jit(step, out_shardings=(shardings, state_shardings)).lower(
+        params, state, x, y).compile()
+    for _ in range(STEPS):
+      params, state = compiled(params, state, x, y)
+    out[name] = (params, state, shardings, compiled.as_text())
+  return out
+
+
+COLLECTIVE = re.compile(
+    r'=(.*?)\b(all-gather|all-reduce|reduce-scatter|all-to-all|'
+    r'collective-permute)(-start)?\(')
+
+
+def collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+  """``(kind, result shape)`` of every collective buffer in `hlo`.
+
+  A combined (tuple) collective counts once per buffer; an async pair once,
+  at its start (whose result tuple also repeats the operand: its largest
+  shape is the one kept for all-gathers, all shapes for the others).
+  """
+  found = []
+  for line in hlo.splitlines():
+    match = COLLECTIVE.search(line)
+    if not match:
+      continue
+    kind, is_start = match.group(2), bool(match.group(3))
+    shapes = [tuple(int(d) for d in dims.split(',') if d)
+              for dims in SHAPE.findall(match.group(1))]
+    if is_start and kind in ('all-gather', 'collective-permute',
+                             'all-to-all', 'reduce-scatter'):
+      # (operand, result) pairs: keep the results.
+      shapes = shapes[len(shapes) // 2:]
+    found += [(kind, shape) for shape in shapes]
+  return found
+
+
+def extra_collectives(hlo, baseline_hlo):
+  """The collectives of `hlo` beyond `baseline_hlo`'s (as multisets)."""
+  extra = collections.Counter(collectives(hlo))
+  extra.subtract(collections.Counter(collectives(baseline_hlo)))
+  return sorted((k, s) for k, s in extra.elements())
+
+
+FSDP_IMAGE = 5 * 5   # every conv of FSDP_NET sees 5×5 images (SAME padding)
+
+
+def _vector_bound(params) -> int:
+  """The largest ``d_in + d_out`` of any layer (``d_in`` flattened)."""
+  return max(int(np.prod(p['kernel'].shape[:-1])) + p['kernel'].shape[-1]
+             for p in params.values())
+
+
+def _statistic_bound(params) -> int:
+  """The largest statistic any layer reduces over the batch, plus ``d_out``.
+
+  A dense layer's is ``ā`` (``d_in``). A conv's is the batch-summed input
+  image (``H·W·c_in``, ``mac_optax/_src/mean_inputs.py``), which is reduced
+  across devices before it is cut into the patch mean (``kh·kw·c_in``):
+  independent of the batch, but not ``O(d_in)``.
+  """
+  bounds = []
+  for p in params.values():
+    kernel = p['kernel'].shape
+    d_in = FSDP_IMAGE * kernel[-2] if len(kernel) == 4 else kernel[0]
+    bounds.append(d_in + kernel[-1])
+  return max(bounds)
+
+
+def _kernel_views(params) -> set[tuple[int, ...]]:
+  """Every kernel's shape and its ``(d_in, d_out)`` matrix view."""
+  views = set()
+  for p in params.values():
+    shape = p['kernel'].shape
+    views |= {shape, (int(np.prod(shape[:-1])), shape[-1])}
+  return views
+
+
+def violations(extra, params):
+  """The collectives that FSDP MAC must not add to SGD-momentum's step.
+
+  Reductions up to a statistic's size; anything else (all-gathers of a split
+  bias, ...) up to a layer's ``d_in + d_out``; nothing shaped like a kernel.
+  """
+  kernels = _kernel_views(params)
+  def allowed(kind, shape):
+    bound = (_statistic_bound(params)
+             if kind in ('all-reduce', 'reduce-scatter')
+             else _vector_bound(params))
+    return shape not in kernels and int(np.prod(shape)) <= bound
+  return [(k, s) for k, s in extra if not allowed(k, s)]
+
+
+def check_fsdp_matches_single_device():
+  """Params, momentum and MAC state split over 'data' == one device."""
+  params, state, shardings, _ = _fsdp_runs()['mac']
+  _close((params, state), _single_device(FSDP_NET), 'FSDP vs single device')
+  for (path, leaf), want in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree_util.tree_leaves(shardings)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
+        f'{jax.tree_util.keystr(path)}: {leaf.sharding.spec}')
+  momentum = optax.tree_utils.tree_get(state, 'trace')
+  for (path, leaf), want in zip(
+      jax.tree_util.tree_flatten_with_path(momentum)[0],
+      jax.tree_util.tree_leaves(shardings)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (
+        f'momentum {jax.tree_util.keystr(path)}: {leaf.sharding.spec}')
+  specs = {k: fsdp_spec(v['kernel'].shape, 8) for k, v in params.items()}
+  means = {k: str(v.mean.sharding.spec) for k, v in state[0].layers.items()}
+  # Dense_1 [32, 8] is split on d_in: each device holds its rows' ā.
+  mean = state[0].layers['Dense_1'].mean
+  assert {s.data.shape for s in mean.addressable_shards} == {(1, 4)}, means
+  return f'kernels {specs}; MAC means {means}'
+
+
+def check_fsdp_mac_adds_only_vector_collectives():
+  """MAC's compiled FSDP step = SGD-momentum's collectives + small vectors."""
+  runs = _fsdp_runs()
+  params = runs['mac'][0]
+  extra = extra_collectives(runs['mac'][3], runs['sgd'][3])
+  assert not violations(extra, params), (
+      f'MAC adds collectives beyond vectors: {violations(extra, params)}; '
+      f'all extra: {extra}')
+  counts = {name: dict(collections.Counter(k for k, _ in collectives(r[3])))
+            for name, r in runs.items()}
+  return (f'collectives by kind {counts}; MAC adds to SGD {extra} (bounds: '
+          f'reductions {_statistic_bound(params)}, others '
+          f'{_vector_bound(params)} elements; kernels '
+          f'{sorted(_kernel_views(params))})')
+
+
+def check_fsdp_detector_sees_a_dense_preconditioner():
+  """Control: a dense d_in × d_in input factor moves kernel-sized data."""
+  runs = _fsdp_runs()
+  params = runs['mac'][0]
+  extra = extra_collectives(runs['control'][3], runs['sgd'][3])
+  found = violations(extra, params)
+  assert found, extra
+  # Among them a whole kernel, gathered.
+  assert any(kind == 'all-gather' and shape in _kernel_views(params)
+             for kind, shape in found), found
+  return f'dense preconditioner adds {found}'
 
 
 CHECKS = {name[len('check_'):]: fn for name, fn in globals().items()

@@ -1,4 +1,4 @@
-"""pmap, sharded jit on a 2-D mesh, and the compiled HLO, on 8 host devices.
+"""pmap, sharded jit, shard_map, FSDP and compiled HLOs, on 8 host devices.
 
 The device count of XLA's host platform is fixed when jax is first imported,
 and pytest has imported it by now; so all checks run once, in one
@@ -22,6 +22,10 @@ CHECKS = [
     'mesh_shardings',
     'no_kernel_all_gather',
     'detector_sees_a_kernel_all_gather',
+    'shard_map_matches_jit',
+    'fsdp_matches_single_device',
+    'fsdp_mac_adds_only_vector_collectives',
+    'fsdp_detector_sees_a_dense_preconditioner',
 ]
 
 

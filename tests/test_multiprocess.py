@@ -126,13 +126,25 @@ def _run_example(tmp_path, *args):
   return rows[0][0]
 
 
-def test_data_parallel_example_runs_and_resumes_across_processes(tmp_path):
+def _checkpoints(path):
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def test_data_parallel_example_trains_and_checkpoints_across_processes(
+    tmp_path):
+  devices, start, stop, loss, *_ = _run_example(tmp_path)
+  assert (devices, start, stop) == ('4', '0', '4')
+  assert np.isfinite(float(loss))
+  assert _checkpoints(tmp_path) == [2, 4]
+
+
+@pytest.mark.slow  # a second launch of the example (~15 s on 2 cores)
+def test_data_parallel_example_resumes_across_processes(tmp_path):
   devices, start, stop, *_ = _run_example(tmp_path, '--stop-after', '2')
   assert (devices, start, stop) == ('4', '0', '2')
   devices, start, stop, *_ = _run_example(tmp_path)
   assert (devices, start, stop) == ('4', '2', '4')  # restored by both
-  assert sorted(p.name for p in tmp_path.iterdir()
-                if p.name.isdigit()) == ['2', '4']
+  assert _checkpoints(tmp_path) == [2, 4]
 
 
 def test_data_parallel_example_reads_the_cluster_from_flags_or_environment(
