@@ -395,27 +395,29 @@ def dense_input_preconditioner() -> optax.GradientTransformation:
       lambda updates, _: jax.tree_util.tree_map(precondition, updates))
 
 
-def _on_mesh(sharding, mesh):
-  """`sharding` if it spans `mesh`; else (a constant on one device) replicated."""
-  if sharding.device_set == set(mesh.devices.flat):
-    return sharding
-  return NamedSharding(mesh, P())
+def _state_sharding(path, leaf, shardings, params, mesh):
+  """FSDP placement of one optimizer-state leaf.
 
-
-def _split_mean(path, sharding, params, mesh):
-  """ā split like the kernel's rows where the kernel is split on its rows.
-
-  Only a split of the kernel's leading input axis cuts the flattened
-  ``d_in`` into contiguous pieces; any other ā stays replicated (``d_in``
-  floats).
+  A leaf at a parameter's path with its shape (momentum) is split like the
+  parameter. MAC's per-layer vectors (``ā``, ``[G, d_in]``) are split like
+  the kernel's rows where the kernel is split on its leading input axis, the
+  only split that cuts the flattened ``d_in`` into contiguous pieces; any
+  other state is replicated (``d_in`` floats, counters).
   """
+  by_path = {jax.tree_util.keystr(p): (s, l.shape) for (p, s), l in zip(
+      jax.tree_util.tree_flatten_with_path(shardings)[0],
+      jax.tree_util.tree_leaves(params))}
+  for i in range(len(path)):
+    found = by_path.get(jax.tree_util.keystr(path[i:]))
+    if found and found[1] == leaf.shape:
+      return found[0]
   keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-  if 'layers' not in keys or keys[-1] not in ('mean', 'precond_mean'):
-    return sharding
-  kernel = params[keys[keys.index('layers') + 1]]['kernel']
-  if fsdp_spec(kernel.shape, mesh.devices.size)[0] == 'data':
-    return NamedSharding(mesh, P(None, 'data'))
-  return sharding
+  if 'layers' in keys and leaf.ndim >= 2:
+    kernel = params[keys[keys.index('layers') + 1]]['kernel'].shape
+    if (fsdp_spec(kernel, mesh.devices.size)[0] == 'data'
+        and leaf.shape[-1] == int(np.prod(kernel[:-1]))):
+      return NamedSharding(mesh, P(*[None] * (leaf.ndim - 1), 'data'))
+  return NamedSharding(mesh, P())
 
 
 @functools.cache
@@ -431,35 +433,20 @@ def _fsdp_runs():
   x, y = jax.device_put(x, batch), jax.device_put(y, batch)
   mac_tx = _optimizer(host_params, x, model=model)
   sgd = optax.sgd(0.1, momentum=0.9)
+  control = optax.chain(dense_input_preconditioner(), sgd)
   runs = {
       'mac': (mac_tx, train_step(mac_tx, model=model)),
       'sgd': (sgd, _plain_step(sgd, model)),
-      'control': (optax.chain(dense_input_preconditioner(), sgd),
-                  _plain_step(sgd, model)),
+      'control': (control, _plain_step(control, model)),
   }
   out = {}
   for name, (tx, step) in runs.items():
-    if name == 'control':
-      step = _plain_step(runs['control'][0], model)
     params = jax.device_put(host_params, shardings)
-    state_shapes = jax.eval_shape(tx.init, params)
-    # Momentum like its parameter; MAC's O(d_in) vectors wherever the
-    # partitioner puts them (it splits ā like a kernel split on d_in).
-    state_shardings = optax.tree_map_params(
-        tx, lambda _, s: s,
-        jax.tree_util.tree_map(lambda _: None, state_shapes),
-        shardings, transform_non_params=lambda _: None,
-        is_leaf=lambda v: v is None)
-    init = jax.jit(tx.init)
-    state = init(params)
-    state_shardings = jax.tree_util.tree_map(
-        lambda want, got: want if want is not None or got is None
-        else _on_mesh(got.sharding, mesh),
-        state_shardings, state, is_leaf=lambda v: v is None)
     state_shardings = jax.tree_util.tree_map_with_path(
-        lambda path, sharding: _split_mean(path, sharding, host_params, mesh),
-        state_shardings)
-    state = jax.device_put(state, state_shardings)
+        lambda path, leaf: _state_sharding(path, leaf, shardings,
+                                           host_params, mesh),
+        jax.eval_shape(tx.init, params))
+    state = jax.jit(tx.init, out_shardings=state_shardings)(params)
     compiled = jax.jit(step, out_shardings=(shardings, state_shardings)).lower(
         params, state, x, y).compile()
     for _ in range(STEPS):
