@@ -4,7 +4,5 @@ from mac_optax._src.diagnostics import find_mac_state
 from mac_optax._src.diagnostics import layer_figures
 from mac_optax._src.diagnostics import LayerFigures
 from mac_optax._src.diagnostics import summary
-from mac_optax._src.diagnostics import used_mean
 
-__all__ = ['LayerFigures', 'find_mac_state', 'layer_figures', 'summary',
-           'used_mean']
+__all__ = ['LayerFigures', 'find_mac_state', 'layer_figures', 'summary']

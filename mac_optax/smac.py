@@ -1,8 +1,8 @@
 """SMAC: the diagonal gradient-side factor, ``mac_optax.smac.scale_by_grad_sq``."""
 
-from mac_optax._src.smac import capture
+from mac_optax._src.smac_capture import capture
 from mac_optax._src.smac import GRAD_SQ
-from mac_optax._src.smac import probes_like
+from mac_optax._src.smac_capture import probes_like
 from mac_optax._src.smac import PROBES
 from mac_optax._src.smac import scale_by_grad_sq
 from mac_optax._src.smac import SmacLayerState

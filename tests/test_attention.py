@@ -267,7 +267,7 @@ def test_fused_qkv_module_matches_dense_reference(use_weights):
   s = np.einsum('bihd,bjhd->bhij', q, k) / np.sqrt(D // H)
   probs = _softmax(np.where(np.tril(np.ones((N, N), bool)), s, -1e30))
   mixed = np.einsum('bhij,bjd->d', probs, xn) / (B * H * N)
-  stat = inter['c_attn'][mac_optax.MEAN]
+  stat = inter['c_attn'][mac_optax.ATTENTION_MEAN]
   assert len(stat) == 1 and stat[0].shape == (3, D)
   expected = np.stack([xn.mean((0, 1)), xn.mean((0, 1)), mixed])
   np.testing.assert_allclose(stat[0], expected, rtol=1e-5, atol=1e-6)
@@ -311,9 +311,8 @@ def test_sow_attention_rejects_ambiguous_arguments():
       mac_linen.sow_attention(dense, x)
       return y
 
-  params = Bad().init(jax.random.PRNGKey(0), x)
-  with pytest.raises(ValueError, match='c_attn'):
-    Bad().apply(params, x, mutable=['intermediates'])
+  with pytest.raises(ValueError, match='c_attn'):   # already at init
+    Bad().init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match='attention must be one of'):
     with mac_linen.capture(attention='mixed'):
       pass

@@ -30,8 +30,7 @@ def test_hand_computed_values():
   def run(grads, inter):
     updates, state = tx.update(grads, tx.init(params), params,
                                intermediates=inter)
-    return updates, diagnostics.layer_figures(grads, state, damping=1.0,
-                                              stat_decay=0.9)
+    return updates, diagnostics.layer_figures(grads, state)
   updates, figures = run(grads, v['intermediates'])
   fig = figures['']
   np.testing.assert_allclose(fig.mean_norm, [np.sqrt(5.0)], rtol=1e-6)
@@ -75,8 +74,7 @@ def test_figures_match_explicit_matrices_under_jit(inv_every):
       return jnp.sum(jnp.sin(out)), v['intermediates']
     grads, inter = jax.grad(loss, has_aux=True)(params)
     updates, state = tx.update(grads, state, params, intermediates=inter)
-    figures = diagnostics.layer_figures(grads, state, damping=damping,
-                                        stat_decay=decay)
+    figures = diagnostics.layer_figures(grads, state)
     return optax.apply_updates(params, updates), state, grads, inter, figures
 
   state = tx.init(params)
@@ -130,7 +128,7 @@ def test_preconditioned_argument_and_errors():
     updates, state = tx.update(grads, tx.init(params), params,
                                intermediates=v['intermediates'])
     return grads, state, [
-        diagnostics.layer_figures(grads, state, damping=2.0,
+        diagnostics.layer_figures(grads, state,
                                   preconditioned=p)
         for p in (updates, None, grads)]
   grads, state, (given, recomputed, same) = figures(params)
@@ -140,7 +138,7 @@ def test_preconditioned_argument_and_errors():
   # Against the identity the cosine is exactly 1.
   np.testing.assert_allclose(same['head'].cosine, 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match='MacState'):
-    diagnostics.layer_figures(grads, (), damping=2.0)
+    diagnostics.layer_figures(grads, ())
 
 
 def test_tied_embedding_attend_layer():
@@ -164,8 +162,8 @@ def test_tied_embedding_attend_layer():
     grads, inter = jax.grad(loss, has_aux=True)(params)
     updates, state = tx.update(grads, tx.init(params), params,
                                intermediates=inter)
-    return (inter, diagnostics.layer_figures(grads, state, damping=0.5),
-            diagnostics.layer_figures(grads, state, damping=0.5,
+    return (inter, diagnostics.layer_figures(grads, state),
+            diagnostics.layer_figures(grads, state,
                                       preconditioned=updates))
   inter, recomputed, given = run(params)
   a = np.asarray(inter['Embed_0'][mac_optax.ATTEND_MEAN][0])

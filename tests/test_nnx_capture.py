@@ -473,7 +473,7 @@ def test_fused_qkv_sow_attention_matches_dense_reference():
   model = FusedAttention(d, heads, nnx.Rngs(0))
   x = _normal((b, n, d), 0, 0.3)
   _, inter = _nnx_capture(model, x)
-  (stat,) = inter['c_attn'][mac_optax.MEAN]      # the plain one was replaced
+  (stat,) = inter['c_attn'][mac_optax.ATTENTION_MEAN]  # what sow_attention gave
   assert stat.shape == (3, d)
   # Explicit probabilities in NumPy.
   x64 = np.asarray(x, np.float64)

@@ -7,6 +7,7 @@ import pytest
 
 import mac_optax
 from mac_optax._src import rank_one
+from mac_optax._src.layout import KernelLayout
 
 
 def _explicit(g, b, a, damping, exact):
@@ -28,10 +29,17 @@ def test_precondition_matches_explicit_inverse_per_group_and_stack(
   g = rng.normal(size=stack + (d_in, groups, d_out_g))
   b = rng.normal(size=stack + (groups, d_out_g)) if with_bias else None
   a = rng.normal(size=stack + (groups, d_in))
+  layout = KernelLayout.dense(
+      stack + (d_in, groups * d_out_g), inputs=1, stack=1,
+      column_groups=groups,
+      bias_shape=None if b is None else stack + (groups * d_out_g,))
   u, ub = rank_one.precondition(
-      jnp.asarray(g, jnp.float32), None if b is None else jnp.asarray(
-          b, jnp.float32), jnp.asarray(a, jnp.float32), damping,
-      exact_inverse=exact)
+      layout, jnp.asarray(g.reshape(layout.shape), jnp.float32),
+      None if b is None else jnp.asarray(b.reshape(layout.bias_shape),
+                                         jnp.float32),
+      jnp.asarray(a, jnp.float32), damping, exact_inverse=exact)
+  u = np.asarray(u).reshape(g.shape)
+  ub = None if ub is None else np.asarray(ub).reshape(b.shape)
   for s in range(stack[0]):
     for k in range(groups):
       ref, ref_b = _explicit(g[s, :, k], None if b is None else b[s, k],
@@ -43,12 +51,13 @@ def test_precondition_matches_explicit_inverse_per_group_and_stack(
 
 def test_gradient_orthogonal_to_mean_is_untouched_and_mean_direction_shrinks():
   a = jnp.array([[3.0, 4.0]])           # ‖a‖² = 25
-  along = a.T[:, None, :]               # (2, 1, 1): gradient along a
-  across = jnp.array([[-4.0], [3.0]])[:, None, :]
+  along = a.T                           # (2, 1): gradient along a
+  across = jnp.array([[-4.0], [3.0]])
   damping = 5.0
-  u_across, _ = rank_one.precondition(across, None, a, damping)
+  layout = KernelLayout.dense((2, 1), inputs=1)
+  u_across, _ = rank_one.precondition(layout, across, None, a, damping)
   np.testing.assert_allclose(u_across, across, rtol=1e-6)
-  u_along, _ = rank_one.precondition(along, None, a, damping)
+  u_along, _ = rank_one.precondition(layout, along, None, a, damping)
   shrink = rank_one.shrink_factor(a, damping, has_bias=False)
   np.testing.assert_allclose(shrink, [5.0 / 30.0], rtol=1e-6)
   np.testing.assert_allclose(u_along, shrink[0] * along, rtol=1e-6)

@@ -16,11 +16,13 @@ input of the whole batch, as if it had been processed at once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from mac_optax._src import plan as plan_lib
 
 
 class MultiStepsMacState(NamedTuple):
@@ -37,7 +39,8 @@ def multi_steps(
     opt: optax.GradientTransformation,
     every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
     *,
-    intermediates_like: Any,
+    plan: Optional[plan_lib.LayerPlan] = None,
+    intermediates_like: Any = None,
     **multi_steps_kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.MultiSteps`` whose inner MAC sees the statistics of all micro-batches.
@@ -51,17 +54,18 @@ def multi_steps(
 
   The inner optimizer (any chain containing :func:`mac_optax.mac`) must
   build its full state in ``init`` (``MultiSteps`` runs it under
-  ``lax.cond``), so pass the same ``intermediates_like`` to ``mac``.
+  ``lax.cond``), so give ``mac`` the same plan.
 
   Args:
     opt: the inner optimizer, e.g. ``mac_optax.mac_sgd(...,
       intermediates_like=like)``.
     every_k_schedule: ``k``, an int or a function of the gradient step
       (``optax.MultiSteps``'s argument).
-    intermediates_like: a pytree shaped like the captured intermediates
-      (arrays or ``jax.ShapeDtypeStruct``, e.g. from
-      :func:`mac_optax.linen.intermediates_like`). Its structure must match
+    plan: the model's layer plan (built with a micro-batch); the running
+      mean has the structure of its ``intermediates_like``, which must match
       the ``intermediates=`` given to ``update``.
+    intermediates_like: instead of a plan, a pytree shaped like the captured
+      intermediates (arrays or ``jax.ShapeDtypeStruct``).
     **multi_steps_kwargs: further arguments of ``optax.MultiSteps``
       (``use_grad_mean``, ``should_skip_update_fn``, ``accumulator_dtype``).
 
@@ -71,13 +75,17 @@ def multi_steps(
     last micro-step of each group of ``k``.
 
   Example:
-    >>> like = mac_optax.linen.intermediates_like(model, variables, x_micro)
-    >>> tx = mac_optax.multi_steps(
-    ...     mac_optax.mac_sgd(0.1, intermediates_like=like), 4,
-    ...     intermediates_like=like)
+    >>> plan = mac_optax.linen.plan(model, variables, x_micro)
+    >>> tx = mac_optax.multi_steps(mac_optax.mac_sgd(0.1, plan=plan), 4,
+    ...                            plan=plan)
     >>> # every micro-batch:
     >>> # updates, state = tx.update(grads, state, params, intermediates=inter)
   """
+  if (plan is None) == (intermediates_like is None):
+    raise ValueError('mac_optax.multi_steps: give exactly one of plan= and '
+                     'intermediates_like=.')
+  if plan is not None:
+    intermediates_like = plan.intermediates_like
   inner = optax.MultiSteps(opt, every_k_schedule, **multi_steps_kwargs)
   like_treedef = jax.tree_util.tree_structure(intermediates_like)
 

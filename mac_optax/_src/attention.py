@@ -1,8 +1,8 @@
 """Attention statistics for MAC, as pure functions on arrays.
 
-Nothing here depends on a module system: the linen capture
-(:mod:`mac_optax._src.linen_attention`), the NNX capture and hand-written
-attention modules all reduce their probabilities with these functions.
+Nothing here depends on a module system: the linen and NNX captures and
+hand-written attention modules all reduce their probabilities with these
+functions.
 
 For a value projection, head ``h`` at query ``i`` outputs
 ``(Σ_j P_hij x_j) W_v``: the effective input of ``W_v`` is the
@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from mac_optax._src import mean_inputs
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 EXACT = 'exact'
 PRODUCT_OF_MEANS = 'product_of_means'
@@ -99,8 +101,8 @@ def mixed_mean(weights: jax.Array, inputs: jax.Array,
     n = x.shape[-2]
     w = mean_inputs.dense_mean(w[..., None, :], axis=(-2, -1))[0]   # [Nk]
     x_bar = mean_inputs.dense_mean(x, axis=(-2, -1)).reshape(n, -1)  # [Nk, D]
-    return jnp.einsum('j,jd->d', w, x_bar)[None, :]
-  mixed = jnp.einsum('...j,...jd->...d', w, x)                      # [*B, D]
+    return jnp.einsum('j,jd->d', w, x_bar, precision=_HIGHEST)[None, :]
+  mixed = jnp.einsum('...j,...jd->...d', w, x, precision=_HIGHEST)  # [*B, D]
   return mean_inputs.dense_mean(mixed)
 
 
@@ -176,7 +178,8 @@ def key_weights_from_attention(
   dtype = mean_inputs.stat_dtype(query.dtype)
   mass = mass[..., 0].astype(dtype)                         # Σ_i P_bhij
   return jnp.einsum('...jh,h->...j', mass,
-                    jnp.full((heads,), 1.0 / (heads * n_q), dtype))
+                    jnp.full((heads,), 1.0 / (heads * n_q), dtype),
+                    precision=_HIGHEST)
 
 
 def token_frequencies(ids: jax.Array, vocab_size: int) -> jax.Array:

@@ -9,11 +9,12 @@ state after ``update`` (which holds the ``â`` that step used)::
                                                      # multiplied by this
     cosine    = ⟨Ĝ, U⟩ / (‖Ĝ‖ ‖U‖)                    # [*S], raw vs preconditioned
 
-``U`` is MAC's preconditioned gradient, recomputed with the same rank-one
-formula (a contraction and a rank-one update, ``O(d_in·d_out)``), or taken
+``â`` and ``λ`` are read from the optimizer state (the values that step
+used), and ``U`` is recomputed with the transform's own per-layer function
+(the same rank-one apply as ``update``, ``O(d_in·d_out)``), or taken
 from ``preconditioned=`` if you have it. Everything is a pure function of
 arrays: call it inside your jitted train step and return the figures with
-the metrics; nothing is recompiled, no host callback, no state field.
+the metrics; nothing is recompiled, no host callback.
 
 Example::
 
@@ -22,8 +23,7 @@ Example::
       (loss, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(...)
       updates, opt_state = tx.update(grads, opt_state, params,
                                      intermediates=inter)
-      figures = mac_optax.diagnostics.layer_figures(
-          grads, opt_state, damping=1.0, stat_decay=0.95)
+      figures = mac_optax.diagnostics.layer_figures(grads, opt_state, plan)
       return optax.apply_updates(params, updates), opt_state, \
           mac_optax.diagnostics.summary(figures)
 """
@@ -35,17 +35,17 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from mac_optax._src import plan as plan_lib
 from mac_optax._src import rank_one
 from mac_optax._src import statistics
 from mac_optax._src import transform
+from mac_optax._src.layout import KernelLayout
 
-
-# State key of an Embed lookup statistic (a tied table also has an attend one).
 _LOOKUP_SUFFIX = '@lookup'
 
 
 class LayerFigures(NamedTuple):
-  """Per-layer figures (``S`` stack axes, ``G`` column groups)."""
+  """Per-layer figures (``S`` stack axes, ``G`` mean vectors)."""
   mean_norm: jax.Array   # [*S, G] ‖â‖
   shrink: jax.Array      # [*S, G] λ / (λ + ‖â‖² (+1))
   cosine: jax.Array      # [*S] cosine of raw and preconditioned gradient
@@ -66,29 +66,49 @@ def find_mac_state(opt_state: Any) -> transform.MacState:
   return found[0]
 
 
-def used_mean(layer: transform.LayerState, stat_decay) -> jax.Array:
-  """The ``[*S, G, d_in]`` bias-corrected ``â`` the last update used."""
-  if layer.precond_mean is not None:
-    return layer.precond_mean
-  decay = jnp.asarray(stat_decay, layer.mean.dtype)
-  count = layer.count[..., None, None]
-  correction = jnp.where(count > 0, 1 - decay ** count.astype(decay.dtype), 1)
-  return jnp.where(count > 0, layer.mean / correction, 0)
+def _inferred_layer(key: str, used: jax.Array, paths, leaves
+                    ) -> plan_lib.PlannedLayer:
+  """A layer of a plan-less `mac`, from its state and gradients."""
+  lookup = key.endswith(_LOOKUP_SUFFIX)
+  name = key[:-len(_LOOKUP_SUFFIX)] if lookup else key
+  path = tuple(name.split('/')) if name else ()
+  if lookup:
+    stat = statistics.LOOKUP_MEAN
+  elif path + ('kernel',) in paths:
+    stat = statistics.MEAN
+  else:
+    stat = statistics.ATTEND_MEAN
+  kernel_index = paths.get(path + (statistics.PARAM[stat],))
+  if kernel_index is None:
+    raise ValueError(f"diagnostics: layer '{key}' has no kernel or "
+                     'embedding in the gradients.')
+  bias_index = (paths.get(path + ('bias',)) if stat == statistics.MEAN
+                else None)
+  layout = KernelLayout.from_statistic(
+      used.shape, leaves[kernel_index].shape,
+      None if bias_index is None else leaves[bias_index].shape,
+      transposed=stat == statistics.ATTEND_MEAN)
+  return plan_lib.PlannedLayer(name, stat, plan_lib.STATISTIC, layout)
 
 
-def _cosine(a: jax.Array, b: jax.Array, stack: int) -> jax.Array:
-  axes = tuple(range(stack, a.ndim))
-  dot = jnp.sum(a * b, axis=axes)
-  norms = jnp.sqrt(jnp.sum(a * a, axis=axes) * jnp.sum(b * b, axis=axes))
+def _flat(kernel, bias, stack: int) -> jax.Array:
+  parts = [kernel.reshape(kernel.shape[:stack] + (-1,))]
+  if bias is not None:
+    parts.append(bias.reshape(bias.shape[:stack] + (-1,)))
+  return jnp.concatenate(parts, axis=-1)
+
+
+def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  dot = jnp.sum(a * b, axis=-1)
+  norms = jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
   return jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1), 1.0)
 
 
 def layer_figures(
     grads: Any,
     opt_state: Any,
+    plan: Optional[plan_lib.LayerPlan] = None,
     *,
-    damping: float | jax.Array = 1.0,
-    stat_decay: float | jax.Array = 0.95,
     preconditioned: Optional[Any] = None,
 ) -> dict[str, LayerFigures]:
   """``‖â‖``, the shrink factor and the raw/preconditioned cosine per layer.
@@ -96,14 +116,15 @@ def layer_figures(
   Args:
     grads: the raw gradients given to ``update`` (same tree as the params).
     opt_state: the state *returned* by ``update`` (a chain's state is
-      searched for its :class:`mac_optax.MacState`).
-    damping: MAC's ``λ``.
-    stat_decay: MAC's ``β`` (to bias-correct the EMA when ``inv_every == 1``).
+      searched for its :class:`mac_optax.MacState`); its ``â`` and ``λ``
+      are those the update used.
+    plan: the plan given to ``mac`` (without one, each layer's layout is
+      inferred from its state and kernel as a plan-less ``mac`` does).
     preconditioned: optionally, the output of the ``mac`` transform itself
-      (same tree as ``grads``); otherwise it is recomputed from ``â``.
+      (same tree as ``grads``); otherwise it is recomputed.
 
   Returns:
-    ``{layer path: LayerFigures}`` for the layers with MAC statistics (layers
+    ``{layer key: LayerFigures}`` for the layers with MAC state (layers
     given to ``exact_layers=`` have none).
   """
   state = find_mac_state(opt_state)
@@ -112,55 +133,32 @@ def layer_figures(
   done = None if preconditioned is None else jax.tree_util.tree_leaves(
       preconditioned)
   figures = {}
-  lookup = getattr(statistics, 'LOOKUP_MEAN', None)
   for key, layer_state in state.layers.items():
-    name = key[:-len(_LOOKUP_SUFFIX)] if key.endswith(_LOOKUP_SUFFIX) else key
-    path = tuple(name.split('/')) if name else ()
-    mean = used_mean(layer_state, stat_decay)
-    if lookup is not None and name != key:  # Embed lookup: (vocab, D) table
-      kernel_index, stat_name = paths.get(path + ('embedding',)), lookup
+    used = layer_state.used
+    if plan is not None:
+      layer = plan[key]
     else:
-      kernel_index = paths.get(path + ('kernel',))
-      stat_name = statistics.MEAN
-      if kernel_index is None:
-        kernel_index = paths.get(path + ('embedding',))
-        stat_name = statistics.ATTEND_MEAN
-    if kernel_index is None:
-      raise ValueError(f"diagnostics: layer '{key}' has no kernel or "
-                       'embedding in the gradients.')
-    bias_index = (paths.get(path + ('bias',))
-                  if stat_name == statistics.MEAN else None)
-    layer = statistics.Layer(path, stat_name, (mean,), kernel_index,
-                             bias_index)
-    kernel = leaves[kernel_index].astype(jnp.float32)
+      layer = _inferred_layer(key, used, paths, leaves)
+    path = tuple(layer.path.split('/')) if layer.path else ()
+    kernel_index = paths[path + (layer.param,)]
+    bias_index = paths[path + ('bias',)] if layer.has_bias else None
+    kernel = leaves[kernel_index].astype(used.dtype)
     bias = None if bias_index is None else leaves[bias_index].astype(
-        jnp.float32)
-    stack = mean.ndim - 2
-    view = statistics.kernel_view(
-        layer, kernel.shape, None if bias is None else bias.shape)
-    if layer.transposed:
-      kernel = jnp.swapaxes(kernel, -1, -2)
-    kernel = kernel.reshape(view)
-    if bias is not None:
-      bias = bias.reshape(view[:-3] + view[-2:])
+        used.dtype)
     if done is None:
-      new_kernel, new_bias = rank_one.precondition(kernel, bias, mean,
-                                                   damping)
+      new_kernel, new_bias = rank_one.precondition(
+          layer.layout, kernel, bias, used, state.damping)
     else:
-      new_kernel = done[kernel_index].astype(jnp.float32)
-      if layer.transposed:
-        new_kernel = jnp.swapaxes(new_kernel, -1, -2)
-      new_kernel = new_kernel.reshape(view)
+      new_kernel = done[kernel_index].astype(used.dtype)
       new_bias = None if bias is None else done[bias_index].astype(
-          jnp.float32).reshape(bias.shape)
-    flat = lambda k, b: jnp.concatenate(  # pylint: disable=g-long-lambda
-        [k.reshape(k.shape[:stack] + (-1,))]
-        + ([] if b is None else [b.reshape(b.shape[:stack] + (-1,))]),
-        axis=-1)
+          used.dtype)
+    stack = len(layer.layout.stack)
+    # The cosine over each stacked layer: stack axes lead kernel and bias.
     figures[key] = LayerFigures(
-        mean_norm=jnp.linalg.norm(mean, axis=-1),
-        shrink=rank_one.shrink_factor(mean, damping, bias is not None),
-        cosine=_cosine(flat(kernel, bias), flat(new_kernel, new_bias), stack))
+        mean_norm=jnp.linalg.norm(used, axis=-1),
+        shrink=rank_one.shrink_factor(used, state.damping, bias is not None),
+        cosine=_cosine(_flat(kernel, bias, stack),
+                       _flat(new_kernel, new_bias, stack)))
   return figures
 
 

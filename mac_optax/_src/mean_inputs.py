@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mac_optax._src.conv_geometry import ConvGeometry
+
 STAT_DTYPE = jnp.float32
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def stat_dtype(dtype) -> jnp.dtype:
@@ -32,9 +35,10 @@ def stat_dtype(dtype) -> jnp.dtype:
 # XLA:CPU lowers a sum over the leading axis very differently across jax
 # releases (benchmarks/RESULTS.md). From jax 0.10 on, ``jnp.sum(x, 0)`` of a
 # [128, 32, 32, 64] array takes 92 ms and a contraction with a ones vector
-# 1.2 ms (spec §7); with jax 0.9.1 the sum takes 3 ms and the contraction
-# 40 ms, which made capture cost up to 2x a forward pass. Each release gets
-# the form it runs fast; both are exact sums.
+# 1.2 ms; with jax 0.9.1 the sum takes 3 ms and the contraction 40 ms, which
+# made capture cost up to 2x a forward pass. Each release gets the form it
+# runs fast; both are exact sums. The contraction asks for HIGHEST precision:
+# at the default, GPUs run it in TF32 and TPUs in bf16 passes.
 _SUM_AS_CONTRACTION = jax.__version_info__ >= (0, 10)
 
 
@@ -47,7 +51,7 @@ def sum_leading(x: jax.Array, axes: int = 1) -> jax.Array:
   ones = jnp.ones(lead, x.dtype)
   letters = 'abcdefgh'[:axes]
   return jnp.einsum(f'{letters},{letters}...->...', ones, x,
-                    preferred_element_type=dtype)
+                    preferred_element_type=dtype, precision=_HIGHEST)
 
 
 def _mean_rows(x: jax.Array) -> jax.Array:
@@ -152,9 +156,19 @@ def conv_mean_patch(
     taps = _tap_matrix(spatial[d], kernel_size[d], strides[d], padding[d],
                        input_dilation[d], kernel_dilation[d])
     patch = jnp.tensordot(patch, jnp.asarray(taps, patch.dtype),
-                          axes=[[0], [1]])
+                          axes=[[0], [1]], precision=_HIGHEST)
   patch = jnp.moveaxis(patch, 0, -1) / max(batch * outputs, 1)
   groups = feature_group_count
   patch = patch.reshape(*kernel_size, groups, channels // groups)
   patch = jnp.moveaxis(patch, n, 0)
   return patch.reshape(groups, -1)
+
+
+def conv_statistic(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
+  """The ``[G, d_in]`` mean patch of a convolution in Flax's conventions."""
+  x, padding = geometry.resolve(x)
+  return conv_mean_patch(
+      x, geometry.kernel_size, strides=geometry.strides, padding=padding,
+      input_dilation=geometry.input_dilation,
+      kernel_dilation=geometry.kernel_dilation,
+      feature_group_count=geometry.groups)

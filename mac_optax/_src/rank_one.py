@@ -12,14 +12,17 @@ where ``Ĝ`` is the gradient laid out as ``(d_in, d_out)``. The authors drop the
 
 A bias is an extra input row of ``Ĝ`` whose mean input is exactly ``1``, so it
 adds ``b̂`` to ``āᵀĜ`` and ``1`` to ``āᵀā`` without ever concatenating arrays.
+Every mean vector of a layer (one per stack index, batched axis index and
+column group, see :mod:`mac_optax._src.layout`) acts on its own columns.
 
-Column groups: a grouped convolution (or a fused query/key/value projection)
-splits the output columns into ``G`` equal groups, each preconditioned with
-its own mean ``ā_g``. The statistic is then ``(G, d_in)`` and the gradient is
-viewed as ``(d_in, G, d_out / G)``. The ungrouped layer is ``G = 1``.
+The kernel is never transposed, flattened or gathered: the contractions are
+written in the kernel's own axis order, so a kernel sharded along any axis
+keeps its sharding. No ``d_in × d_in`` matrix is formed; the cost is one
+contraction and one rank-one update, ``O(d_in · d_out)``.
 
-No ``d_in × d_in`` matrix is ever formed: the cost is one contraction and one
-rank-one update, ``O(d_in · d_out)``.
+Overflow: ``‖ā‖²`` of activations near float32's range would overflow, so each
+mean vector is scaled by ``s = max(‖ā‖_∞, 1)`` first; with ``ã = ā/s``,
+``ā (āᵀĜ)/(λ + ‖ā‖²) = ã (ãᵀĜ)/(λ/s² + ‖ã‖²)`` exactly.
 """
 
 from __future__ import annotations
@@ -29,60 +32,122 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from mac_optax._src.layout import KernelLayout
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_LETTERS = 'abcdefhijklmnpqrstuvwxyzABCDEFHIJKLMNPQRSTUVWXYZ'  # no g, o, G, O
+
+
+class _Specs:
+  """Einsum subscripts of a layout, with ``g`` the column-group axis.
+
+  The kernel is viewed with its first output axis split into
+  ``(column_groups, rest)``; ``kernel`` names its axes in kernel order,
+  ``mean`` the ``[*stack, *batch, g, *inputs]`` statistic, ``columns`` the
+  kernel's non-input axes (the bias), ``vectors`` one entry per mean vector.
+  """
+
+  def __init__(self, layout: KernelLayout):
+    letter = dict(zip(range(len(layout.shape)), _LETTERS))
+    kernel, shape = [], []
+    for axis, size in enumerate(layout.shape):
+      if axis == layout.outputs[0]:
+        kernel += ['g', letter[axis]]
+        shape += [layout.column_groups, size // layout.column_groups]
+      else:
+        kernel.append(letter[axis])
+        shape.append(size)
+    word = lambda axes: ''.join(letter[a] for a in axes)
+    self.kernel = ''.join(kernel)
+    self.kernel_shape = tuple(shape)
+    self.vectors = word(layout.stack) + word(layout.batch) + 'g'
+    self.mean = self.vectors + word(layout.inputs)
+    self.mean_shape = (layout.sizes(layout.stack) + layout.sizes(layout.batch)
+                       + (layout.column_groups,) + layout.sizes(layout.inputs))
+    inputs = set(word(layout.inputs))
+    self.columns = ''.join(c for c in self.kernel if c not in inputs)
+    self.column_shape = tuple(n for c, n in zip(self.kernel, shape)
+                              if c not in inputs)
+    self.input_ndim = len(layout.inputs)
+
+
+def _scale_columns(specs: _Specs, per_vector: jax.Array,
+                   columns: jax.Array) -> jax.Array:
+  """``columns * per_vector`` broadcast from the vectors to their columns."""
+  return jnp.einsum(f'{specs.vectors},{specs.columns}->{specs.columns}',
+                    per_vector, columns)
+
 
 def precondition(
+    layout: KernelLayout,
     kernel_grad: jax.Array,
     bias_grad: Optional[jax.Array],
     mean: jax.Array,
     damping: jax.Array | float,
     *,
     exact_inverse: bool = False,
-    input_ndim: int = 1,
 ) -> tuple[jax.Array, Optional[jax.Array]]:
-  """Applies ``(ā āᵀ + λI)⁻¹`` (up to ``1/λ``) to a grouped layer gradient.
+  """Applies ``(ā āᵀ + λI)⁻¹`` (times ``λ``) to one layer's gradient.
 
-  Math, for every group ``g`` (batched over any leading stack axes)::
+  Math, for every mean vector ``ā`` and the columns ``Ĝ`` it owns::
 
-      c_g = ā_gᵀ Ĝ_g + b̂_g                      # (d_out/G,)
-      s_g = λ + ā_gᵀ ā_g + 1                    # the `+ b̂`, `+ 1` only with bias
-      Ĝ_g ← Ĝ_g − ā_g c_gᵀ / s_g
-      b̂_g ← b̂_g − c_g / s_g
+      c = āᵀ Ĝ + b̂                       # the `+ b̂`, `+ 1` only with bias
+      Ĝ ← Ĝ − ā cᵀ / (λ + āᵀ ā + 1)
+      b̂ ← b̂ − c / (λ + āᵀ ā + 1)
+
+  computed overflow-free as described in the module docstring.
 
   Args:
-    kernel_grad: ``[*stack, d_in, G, d_out_g]`` gradient of the kernel.
-    bias_grad: ``[*stack, G, d_out_g]`` gradient of the bias, or ``None``.
-    mean: ``[*stack, G, d_in]`` mean input of each column group.
+    layout: the kernel's axis roles.
+    kernel_grad: gradient of the kernel, ``layout.shape``.
+    bias_grad: gradient of the bias (``layout.bias_shape``), or ``None``.
+    mean: ``layout.stat_shape`` = ``[*stack, G, d_in]`` mean inputs, in the
+      dtype to compute in.
     damping: ``λ > 0``; a scalar, possibly traced.
     exact_inverse: divide the result by ``λ`` (the true inverse). The default
       keeps the authors' decoupled damping.
-    input_ndim: number of input axes ``n``: with ``n > 1`` the kernel is
-      ``[*stack, *in_axes, G, d_out_g]`` and the mean ``[*stack, G, *in_axes]``
-      (the kernel's input axes kept unflattened, so a kernel sharded along a
-      minor input axis, e.g. a conv's ``c_in``, is never gathered).
 
   Returns:
-    The preconditioned ``(kernel_grad, bias_grad)``, same shapes and dtypes
-    as the arguments (``bias_grad`` stays ``None`` when it was ``None``).
+    The preconditioned ``(kernel_grad, bias_grad)`` in the arguments' shapes
+    and dtypes (``bias_grad`` stays ``None`` when it was ``None``).
 
   Example:
-    >>> g = jnp.ones((3, 1, 2)); a = jnp.ones((1, 3))
-    >>> u, _ = precondition(g, None, a, 1.0)
+    >>> layout = KernelLayout.dense((3, 2), inputs=1)
+    >>> u, _ = precondition(layout, jnp.ones((3, 2)), None, jnp.ones((1, 3)),
+    ...                     1.0)
     >>> u.shape
-    (3, 1, 2)
+    (3, 2)
   """
-  ins = 'ijklmnpqrstuvwxyz'[:input_ndim]
-  projection = jnp.einsum(f'...g{ins},...{ins}go->...go', mean, kernel_grad)
-  norm_sq = jnp.sum(jnp.square(mean), axis=tuple(range(-input_ndim, 0)))
+  specs = _Specs(layout)
+  # Computed in the statistic's dtype (float32 by default, also for bf16
+  # gradients); returned in the gradient's.
+  kernel = kernel_grad.astype(mean.dtype).reshape(specs.kernel_shape)
+  mean = mean.reshape(specs.mean_shape)
+  in_axes = tuple(range(-specs.input_ndim, 0))
+  scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=in_axes), 1.0)
+  tilde = mean / scale.reshape(scale.shape + (1,) * specs.input_ndim)
+  projection = jnp.einsum(f'{specs.mean},{specs.kernel}->{specs.columns}',
+                          tilde, kernel, precision=_HIGHEST)
+  norm_sq = jnp.sum(jnp.square(tilde), axis=in_axes)
+  bias = None
   if bias_grad is not None:
-    projection = projection + bias_grad
-    norm_sq = norm_sq + 1.0
-  coeff = projection / (damping + norm_sq)[..., None]
-  new_kernel = kernel_grad - jnp.einsum(f'...g{ins},...go->...{ins}go', mean,
-                                        coeff)
-  new_bias = None if bias_grad is None else bias_grad - coeff
+    bias = bias_grad.astype(kernel.dtype).reshape(specs.column_shape)
+    projection = projection + _scale_columns(specs, 1 / scale, bias)
+    norm_sq = norm_sq + jnp.square(1 / scale)
+  inverse = 1 / (damping / jnp.square(scale) + norm_sq)
+  coeff = _scale_columns(specs, inverse, projection)
+  new_kernel = kernel - jnp.einsum(
+      f'{specs.mean},{specs.columns}->{specs.kernel}', tilde, coeff,
+      precision=_HIGHEST)
+  new_bias = None
+  if bias is not None:
+    new_bias = bias - _scale_columns(specs, 1 / scale, coeff)
   if exact_inverse:
     new_kernel = new_kernel / damping
     new_bias = None if new_bias is None else new_bias / damping
+  new_kernel = new_kernel.reshape(kernel_grad.shape).astype(kernel_grad.dtype)
+  if new_bias is not None:
+    new_bias = new_bias.reshape(bias_grad.shape).astype(bias_grad.dtype)
   return new_kernel, new_bias
 
 
@@ -96,7 +161,12 @@ def shrink_factor(mean: jax.Array, damping: jax.Array | float,
     has_bias: add the bias coordinate (``1``) to ``‖ā‖²``.
 
   Returns:
-    ``[...]`` the shrink factor of each mean vector.
+    ``[...]`` the shrink factor of each mean vector (overflow-free).
   """
-  norm_sq = jnp.sum(jnp.square(mean), axis=-1) + (1.0 if has_bias else 0.0)
-  return damping / (damping + norm_sq)
+  scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=-1), 1.0)
+  norm_sq = jnp.sum(jnp.square(mean / scale[..., None]), axis=-1)
+  if has_bias:
+    norm_sq = norm_sq + jnp.square(1 / scale)
+  return (damping / jnp.square(scale)) / (damping / jnp.square(scale)
+                                          + norm_sq)
+

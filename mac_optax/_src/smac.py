@@ -51,103 +51,26 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from mac_optax._src import ema
+from mac_optax._src import hyperparameters
 from mac_optax._src import statistics
 
 PROBES = 'mac_probes'   # the collection of probe variables
 GRAD_SQ = 'mac_grad_sq'  # the probe's name at each layer's path
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _probe(y: jax.Array, probe: jax.Array, n_out: int) -> jax.Array:
-  """``y``, unchanged; its VJP sends ``mean_rows(g²)`` to ``probe``."""
-  del probe, n_out
-  return y
-
-
-def _probe_fwd(y, probe, n_out):
-  del probe, n_out
-  return y, None
-
-
-def _probe_bwd(n_out, residual, g):
-  del residual
-  g32 = g.astype(jnp.float32)
-  rows = g32.reshape((-1,) + g.shape[g.ndim - n_out:])
-  return g, jnp.mean(jnp.square(rows), axis=0)
-
-
-_probe.defvjp(_probe_fwd, _probe_bwd)
-
-
-def _output_axes(module: nn.Module) -> Optional[int]:
-  """Number of trailing output-unit axes of a supported layer, else None."""
-  if isinstance(module, nn.DenseGeneral):
-    features = module.features
-    return 1 if isinstance(features, int) else len(features)
-  if isinstance(module, (nn.Dense, nn.Conv)):
-    return 1
-  return None
-
-
-def _interceptor(next_fun, args, kwargs, context):
-  y = next_fun(*args, **kwargs)
-  n_out = _output_axes(context.module) if context.method_name == '__call__' \
-      else None
-  if n_out is None or not isinstance(y, jax.Array):
-    return y
-  zeros = jnp.zeros(y.shape[y.ndim - n_out:], jnp.float32)
-  probe = context.module.perturb(GRAD_SQ, zeros, collection=PROBES)
-  return _probe(y, probe, n_out)
-
-
-@contextlib.contextmanager
-def capture() -> Iterator[None]:
-  """Routes ``E_rows[g²]`` of every Dense/DenseGeneral/Conv to its probe.
-
-  Without ``'mac_probes'`` in the applied variables the probes are constant
-  zeros and nothing changes. Nest with :func:`mac_optax.linen.capture`.
-  """
-  with nn.intercept_methods(_interceptor):
-    yield
-
-
-def probes_like(model: nn.Module, variables: Any, *args, **kwargs) -> Any:
-  """Zero probes for :func:`capture`: pass them as ``'mac_probes'``.
-
-  Args:
-    model: the linen module.
-    variables: its variables (``{'params': ...}``), arrays or shapes.
-    *args: example inputs of ``model.apply`` (arrays or shapes; only shapes
-      matter, the batch size does not).
-    **kwargs: keyword arguments of ``model.apply``.
-
-  Returns:
-    ``{path...: {'mac_grad_sq': zeros(output units)}}``, float32.
-  """
-  def forward(variables, *args):
-    with capture():
-      _, state = model.apply(variables, *args, mutable=[PROBES], **kwargs)
-    return state.get(PROBES, {})
-
-  shapes = jax.eval_shape(forward, variables, *args)
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-
 class SmacLayerState(NamedTuple):
   """Gradient statistics of one layer."""
-  grad_sq: jax.Array          # [*out] EMA of E_rows[g²], not bias-corrected
-  count: jax.Array            # [] int32, statistics folded so far
-  scale: Optional[jax.Array]  # [*out] Z = 1/(ẑ+λ) in use (None if
-                              # inv_every == 1)
+  grad_sq: jax.Array   # [*out] EMA of E_rows[g²], not bias-corrected
+  count: jax.Array     # [] int32, statistics folded so far
+  scale: jax.Array     # [*out] Z = 1/(ẑ+λ) in use (refreshed every
+                       # `inv_every` steps)
 
 
 class SmacState(NamedTuple):
@@ -174,10 +97,9 @@ def _probe_leaves(grad_sq: Any) -> dict[str, jax.Array]:
   return found
 
 
-def _empty(shape, inv_every) -> SmacLayerState:
+def _empty(shape) -> SmacLayerState:
   zeros = jnp.zeros(shape, jnp.float32)
-  return SmacLayerState(zeros, jnp.zeros([], jnp.int32),
-                        None if inv_every == 1 else zeros)
+  return SmacLayerState(zeros, jnp.zeros([], jnp.int32), zeros)
 
 
 def scale_by_grad_sq(
@@ -214,21 +136,14 @@ def scale_by_grad_sq(
   Example:
     >>> tx = optax.chain(scale_by_grad_sq(1.0, 0.95), mac_optax.mac_sgd(0.1))
   """
-  for name, cadence in (('cov_every', cov_every), ('inv_every', inv_every)):
-    if not isinstance(cadence, int) or cadence < 1:
-      raise ValueError(f'smac: {name} must be a positive integer, got '
-                       f'{cadence}.')
-  try:
-    if not float(damping) > 0:
-      raise ValueError(f'smac: damping must be > 0, got {damping}.')
-  except TypeError:
-    pass
+  hyperparameters.check('smac', damping=damping, stat_decay=stat_decay,
+                        cov_every=cov_every, inv_every=inv_every)
   template = {} if probes_like is None else _probe_leaves(probes_like)
 
   def init_fn(params):
     del params
     return SmacState(jnp.zeros([], jnp.int32),
-                     {k: _empty(v.shape, inv_every)
+                     {k: _empty(v.shape)
                       for k, v in template.items()})
 
   def update_fn(updates, state, params=None, *, grad_sq=None, **extra):
@@ -239,7 +154,6 @@ def scale_by_grad_sq(
     paths = statistics.leaf_paths(updates)
     fold = state.step % cov_every == 0
     refresh = state.step % inv_every == 0
-    decay = jnp.asarray(stat_decay, jnp.float32)
     layers = dict(state.layers)
     for key, z in _probe_leaves(grad_sq).items():
       path = tuple(key.split('/')) if key else ()
@@ -252,18 +166,13 @@ def scale_by_grad_sq(
         raise ValueError(
             f"smac: layer '{key}': statistic of shape {z.shape} does not "
             f'match the output axes of its kernel {kernel.shape}.')
-      layer = layers.get(key) or _empty(z.shape, inv_every)
-      z = z.astype(jnp.float32)
-      take = jnp.logical_and(fold, jnp.all(jnp.isfinite(z)))
-      ema = jnp.where(take, decay * layer.grad_sq + (1 - decay) * z,
-                      layer.grad_sq)
-      count = layer.count + take.astype(jnp.int32)
-      corrected = ema / jnp.where(count > 0, 1 - decay ** count, 1)
-      scale = 1.0 / (corrected + damping)
-      if layer.scale is not None:
-        scale = jnp.where(refresh, scale, layer.scale)
-      layers[key] = SmacLayerState(
-          ema, count, None if layer.scale is None else scale)
+      layer = layers.get(key) or _empty(z.shape)
+      folded = ema.fold(ema.Ema(layer.grad_sq, layer.count), z, stat_decay,
+                        fold)
+      scale = jnp.where(refresh,
+                        1.0 / (ema.debiased(folded, stat_decay) + damping),
+                        layer.scale)
+      layers[key] = SmacLayerState(folded.mean, folded.count, scale)
       leaves[kernel_index] = (kernel * scale).astype(kernel.dtype)
       bias_index = paths.get(path + ('bias',))
       if bias_index is not None:

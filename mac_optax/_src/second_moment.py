@@ -13,12 +13,11 @@ over the patches of its channel slice, and ``P`` is ``[G, d, d]``.
 
 Two forms of ``P`` (``form=``):
 
-* ``'inverse'`` (default): ``P = (Σ + λI)⁻¹``, the paper (§4 of the spec) and
-  the authors' code in most of its history (``torch.linalg.inv``; SMAC's
-  ``cholesky_inverse``).
-* ``'cholesky'``: ``P = L⁻ᵀ`` with ``L Lᵀ = Σ + λI``, what the authors' last
-  ``cifar10/optimizers/mac.py`` does (``grad_mat @ L⁻¹`` in PyTorch's
-  ``(d_out, d_in)`` layout). ``L⁻ᵀ L⁻¹ = (Σ + λI)⁻¹``: half of the
+* ``'inverse'`` (default): ``P = (Σ + λI)⁻¹``, the paper and the authors'
+  current code (``torch.linalg.inv``; SMAC's ``cholesky_inverse``).
+* ``'cholesky'``: ``P = L⁻ᵀ`` with ``L Lᵀ = Σ + λI``, which only a January
+  2025 version of the authors' CIFAR code used (``grad_mat @ L⁻¹`` in
+  PyTorch's ``(d_out, d_in)`` layout). ``L⁻ᵀ L⁻¹ = (Σ + λI)⁻¹``: half of the
   preconditioner, applied on one side only.
 
 Differences from the reference kept on purpose: ``Σ`` is the mean over all
@@ -42,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mac_optax._src import linen_capture
 from mac_optax._src import statistics
+from mac_optax._src.conv_geometry import ConvGeometry
+from mac_optax._src.exact import path_key as _path_key
 
 _COLLECTION = 'mac_second_moment'
 _SUM, _ROWS = 'sum', 'rows'
@@ -64,39 +64,21 @@ def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
 
   Each group's patch is in the ``(*kernel_size, C/G)`` order of a Flax kernel.
   """
-  kernel_size = linen_capture._tuple(module.kernel_size, 1)  # pylint: disable=protected-access
-  n = len(kernel_size)
-  strides = linen_capture._tuple(module.strides, n)  # pylint: disable=protected-access
-  input_dilation = linen_capture._tuple(module.input_dilation, n)  # pylint: disable=protected-access
-  kernel_dilation = linen_capture._tuple(module.kernel_dilation, n)  # pylint: disable=protected-access
-  padding = linen_capture._canonical_padding(module.padding, n)  # pylint: disable=protected-access
+  geometry = ConvGeometry.of(module)
+  n = len(geometry.kernel_size)
   if x.ndim == n + 1:  # unbatched input
     x = x[None]
   x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
-  if isinstance(padding, str) and padding in ('CIRCULAR', 'REFLECT'):
-    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
-    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-    x = jnp.pad(x, pads, mode={'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[
-        padding])
-    padding = 'VALID'
-  elif isinstance(padding, str) and padding == 'CAUSAL':
-    pads = [(0, 0)] * x.ndim
-    pads[1] = (kernel_dilation[0] * (kernel_size[0] - 1), 0)
-    x = jnp.pad(x, pads)
-    padding = 'VALID'
-  if isinstance(padding, str):
-    dilated_in = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1],
-                                                    input_dilation)]
-    dilated_k = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
-    padding = jax.lax.padtype_to_pads(dilated_in, dilated_k, strides, padding)
-  padding = [tuple(int(v) for v in p) for p in padding]
-  channels, groups = x.shape[-1], module.feature_group_count
+  x, padding = geometry.resolve(x)
+  channels, groups = x.shape[-1], geometry.groups
   patches = jax.lax.conv_general_dilated_patches(
-      jnp.moveaxis(x, -1, 1), kernel_size, strides, padding,
-      lhs_dilation=input_dilation, rhs_dilation=kernel_dilation)
+      jnp.moveaxis(x, -1, 1), geometry.kernel_size, geometry.strides,
+      padding, lhs_dilation=geometry.input_dilation,
+      rhs_dilation=geometry.kernel_dilation)
   # [N, C·prod(k), *out] with C major -> [N·prod(out), G, *k, C/G].
   patches = jnp.moveaxis(patches, 1, -1)
-  patches = patches.reshape(-1, groups, channels // groups, *kernel_size)
+  patches = patches.reshape(-1, groups, channels // groups,
+                            *geometry.kernel_size)
   patches = jnp.moveaxis(patches, 2, -1)
   return patches.reshape(patches.shape[0], groups, -1)
 
@@ -161,10 +143,6 @@ def _default_inputs(batch: Any) -> Any:
       if key in batch:
         return batch[key]
   return batch
-
-
-def _path_key(path) -> str:
-  return path if isinstance(path, str) else '/'.join(path)
 
 
 def input_second_moment(
@@ -268,8 +246,8 @@ def exact_preconditioner(moment: SecondMoment, damping: float = 1.0, *,
   """The matrix ``P`` that left-multiplies the layer's ``Ĝ_aug``.
 
   ``form='inverse'``: ``P = (Σ + λI)⁻¹`` (default, the paper).
-  ``form='cholesky'``: ``P = L⁻ᵀ`` with ``L Lᵀ = Σ + λI`` (the authors' last
-  CIFAR code, ``grad_mat @ L⁻¹`` in PyTorch's layout).
+  ``form='cholesky'``: ``P = L⁻ᵀ`` with ``L Lᵀ = Σ + λI`` (a January 2025
+  version of the authors' CIFAR code; their current code uses the inverse).
 
   Args:
     moment: from :func:`input_second_moment` (or built by hand).
@@ -326,117 +304,3 @@ def exact_first_layer(model: nn.Module, variables: Any,
   """
   moment = input_second_moment(model, variables, batches, path, **kwargs)
   return exact_preconditioner(moment, damping, form=form)
-
-
-# ---------------------------------------------------- used by `mac()` -------
-
-def check_exact_layers(exact_layers: Optional[Mapping[str, Any]]
-                       ) -> dict[str, np.ndarray]:
-  """Validates ``mac(exact_layers=...)``: ``{path: P [G, d, d] or [d, d]}``.
-
-  Each ``P`` must be concrete, finite, and either symmetric positive definite
-  (``(Σ+λI)⁻¹``) or upper triangular with a positive diagonal (``L⁻ᵀ``).
-
-  Raises:
-    ValueError: naming the path, for any other matrix.
-  """
-  checked = {}
-  for path, matrix in (exact_layers or {}).items():
-    key = _path_key(path)
-    try:
-      p = np.asarray(matrix, np.float64)
-    except (TypeError, jax.errors.ConcretizationTypeError) as e:
-      raise ValueError(f"mac: exact_layers['{key}'] must be a concrete "
-                       'array.') from e
-    if p.ndim == 2:
-      p = p[None]
-    if p.ndim != 3 or p.shape[-1] != p.shape[-2] or p.shape[-1] < 1:
-      raise ValueError(f"mac: exact_layers['{key}'] must be a square [d, d] "
-                       f'or [G, d, d] matrix, got shape {p.shape}.')
-    if not np.all(np.isfinite(p)):
-      raise ValueError(f"mac: exact_layers['{key}'] has non-finite entries.")
-    scale = max(np.abs(p).max(), 1e-30)
-    symmetric = np.allclose(p, np.swapaxes(p, -1, -2), atol=1e-5 * scale)
-    upper = np.allclose(np.tril(p, -1), 0)
-    diagonal = np.diagonal(p, axis1=-2, axis2=-1)
-    if symmetric:
-      if np.linalg.eigvalsh(0.5 * (p + np.swapaxes(p, -1, -2))).min() <= 0:
-        raise ValueError(f"mac: exact_layers['{key}'] is symmetric but not "
-                         'positive definite.')
-    elif not (upper and np.all(diagonal > 0)):
-      raise ValueError(
-          f"mac: exact_layers['{key}'] must be symmetric positive definite "
-          '((Σ+λI)⁻¹) or upper triangular with a positive diagonal (L⁻ᵀ).')
-    checked[key] = np.asarray(matrix, np.float32).reshape(p.shape)
-  return checked
-
-
-def _kernel_view(key: str, kernel_shape, has_bias: bool,
-                 matrix_shape) -> tuple[int, int, int]:
-  """``(d_in, G, d_out_g)`` of a kernel for an exact matrix, or ValueError."""
-  groups, d = matrix_shape[0], matrix_shape[-1]
-  d_in = d - int(has_bias)
-  size, k = 1, 0
-  while k < len(kernel_shape) and size < d_in:
-    size *= kernel_shape[k]
-    k += 1
-  d_out = math.prod(kernel_shape[k:])
-  if d_in < 1 or size != d_in or k == len(kernel_shape) or d_out % groups:
-    raise ValueError(
-        f"mac: exact_layers['{key}']: a matrix of shape {tuple(matrix_shape)} "
-        f'does not fit the kernel of shape {tuple(kernel_shape)}'
-        f"{' with a bias' if has_bias else ''}: expected [G, d, d] with "
-        'd = prod(kernel input axes)' + (' + 1' if has_bias else '') +
-        ' and G dividing the output columns.')
-  return d_in, groups, d_out // groups
-
-
-def _find(key: str, paths: dict) -> tuple[int, Optional[int]]:
-  path = tuple(key.split('/'))
-  kernel_index = paths.get(path + ('kernel',))
-  if kernel_index is None:
-    layers = sorted('/'.join(p[:-1]) for p in paths if p[-1:] == ('kernel',))
-    raise ValueError(
-        f"mac: exact_layers['{key}'] is not a layer: no parameter "
-        f"'{key}/kernel'. Layers with a kernel: {layers}.")
-  return kernel_index, paths.get(path + ('bias',))
-
-
-def check_fits(exact: dict[str, np.ndarray], params: Any) -> None:
-  """Raises ValueError if an exact matrix does not fit its layer in `params`."""
-  if not exact or params is None:
-    return
-  leaves = jax.tree_util.tree_leaves(params)
-  paths = statistics.leaf_paths(params)
-  for key, matrix in exact.items():
-    kernel_index, bias_index = _find(key, paths)
-    _kernel_view(key, tuple(leaves[kernel_index].shape),
-                 bias_index is not None, matrix.shape)
-
-
-def precondition_exact(exact: dict[str, np.ndarray], updates: Any,
-                       leaves: list) -> None:
-  """``Ĝ_aug ← P Ĝ_aug`` for every exact layer, in place on the flat `leaves`.
-
-  For group ``g``: ``[K_g; b_g] ← P_g [K_g; b_g]`` with ``K_g`` the kernel
-  gradient's ``(d_in, d_out_g)`` slice and ``b_g`` its bias row.
-  """
-  if not exact:
-    return
-  paths = statistics.leaf_paths(updates)
-  for key, matrix in exact.items():
-    kernel_index, bias_index = _find(key, paths)
-    kernel = leaves[kernel_index]
-    d_in, groups, d_out_g = _kernel_view(key, tuple(kernel.shape),
-                                         bias_index is not None, matrix.shape)
-    g_aug = kernel.astype(jnp.float32).reshape(d_in, groups, d_out_g)
-    if bias_index is not None:
-      bias = leaves[bias_index].astype(jnp.float32).reshape(1, groups, d_out_g)
-      g_aug = jnp.concatenate([g_aug, bias], axis=0)
-    new = jnp.einsum('gij,jgo->igo', jnp.asarray(matrix), g_aug,
-                     precision=jax.lax.Precision.HIGHEST)
-    leaves[kernel_index] = new[:d_in].reshape(kernel.shape).astype(
-        kernel.dtype)
-    if bias_index is not None:
-      bias = leaves[bias_index]
-      leaves[bias_index] = new[d_in].reshape(bias.shape).astype(bias.dtype)

@@ -1,0 +1,361 @@
+"""The layer plan: every layer MAC preconditions, as MAC sees it.
+
+A :class:`LayerPlan` is built once, from the model's parameters and the
+statistics a captured forward pass sows (``mac_optax.linen.plan``,
+``mac_optax.nnx.plan``, or :func:`from_statistics` for shapes alone). It is
+what ``mac(plan=...)``'s ``init`` builds the complete state from, what
+``update`` checks the captured statistics against, what diagnostics read, and
+what the user prints to see the coverage::
+
+    print(plan)     # each preconditioned layer, each parameter passed through
+
+The pairing of statistics with parameters (:func:`pair`) is strict: a
+planned layer without its statistic, a statistic the plan does not know, a
+statistic of the wrong shape, or no statistic at all raise at trace time with
+the layer's path and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from mac_optax._src import statistics
+from mac_optax._src.layout import KernelLayout
+from mac_optax._src.layout import LayoutError
+
+# Kinds shown in the coverage table.
+DENSE = 'dense'
+CONV = 'conv'
+EMBED_ATTEND = 'embed_attend'
+EMBED_LOOKUP = 'embed_lookup'
+ATTENTION_VALUE = 'attention_value'
+ATTENTION_FUSED = 'attention_fused'
+CUSTOM = 'custom'
+STATISTIC = 'statistic'   # known from a statistic's shape only
+
+_KIND_OF_STAT = {statistics.ATTEND_MEAN: EMBED_ATTEND,
+                 statistics.LOOKUP_MEAN: EMBED_LOOKUP,
+                 statistics.ATTENTION_MEAN: ATTENTION_FUSED}
+
+NO_STATISTICS = """\
+mac: update() received no MAC statistic at all, so no layer could be \
+preconditioned (MAC would silently be plain SGD). The usual causes:
+  1. the forward pass ran outside `mac_optax.linen.capture()` / \
+`mac_optax.nnx.capture()`: enter the capture around the forward pass;
+  2. linen `model.apply(..., mutable=[...])` without 'intermediates': pass \
+mutable=['intermediates'] and give v['intermediates'] to update;
+  3. the forward function was jitted and traced before the capture was \
+entered (jit reuses a trace that sowed nothing): enter the capture inside \
+the jitted function;
+  4. `nn.scan`/`nn.vmap` without 'intermediates' in variable_axes: add \
+'intermediates': 0 so the statistics of the scanned layers come out."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedLayer:
+  """One preconditioned layer."""
+  path: str              # module path, 'Block_0/Dense_1'
+  statistic: str         # the sown name (mac_optax.MEAN, ...)
+  kind: str              # 'dense', 'conv', 'attention_value', ...
+  layout: KernelLayout   # the kernel's axis roles and the statistic's shape
+
+  @property
+  def key(self) -> str:
+    """The layer's key in the optimizer state (a lookup gets '@lookup')."""
+    if self.statistic == statistics.LOOKUP_MEAN:
+      return self.path + '@lookup'
+    return self.path
+
+  @property
+  def param(self) -> str:
+    return statistics.PARAM[self.statistic]
+
+  @property
+  def has_bias(self) -> bool:
+    return self.layout.bias_shape is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class PassedParam:
+  """A parameter MAC passes through unchanged, and why."""
+  path: str
+  shape: tuple[int, ...]
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """The layers MAC preconditions and the parameters it passes through.
+
+  Attributes:
+    layers: the preconditioned layers, sorted by path.
+    passed: every other parameter, with the reason.
+    intermediates_like: shapes of the captured intermediates (for
+      :func:`mac_optax.multi_steps`), or None.
+  """
+  layers: tuple[PlannedLayer, ...]
+  passed: tuple[PassedParam, ...] = ()
+  intermediates_like: Any = dataclasses.field(default=None, compare=False,
+                                              repr=False)
+
+  def __post_init__(self):
+    keys = [layer.key for layer in self.layers]
+    if len(set(keys)) != len(keys):
+      raise ValueError(f'mac: a plan lists a layer twice: {sorted(keys)}.')
+
+  def __getitem__(self, key: str) -> PlannedLayer:
+    for layer in self.layers:
+      if layer.key == key:
+        return layer
+    raise KeyError(f'mac: no layer {key!r} in the plan; planned: '
+                   f'{[layer.key for layer in self.layers]}.')
+
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return tuple(layer.key for layer in self.layers)
+
+  @property
+  def preconditioned_params(self) -> int:
+    counted, total = set(), 0
+    for layer in self.layers:   # a tied table counts once
+      if (layer.path, layer.param) not in counted:
+        counted.add((layer.path, layer.param))
+        total += layer.layout.param_count
+    return total
+
+  @property
+  def total_params(self) -> int:
+    return self.preconditioned_params + sum(
+        math.prod(p.shape) for p in self.passed)
+
+  @property
+  def fraction(self) -> float:
+    """The share of parameters MAC preconditions."""
+    return self.preconditioned_params / max(self.total_params, 1)
+
+  def summary(self) -> str:
+    """The coverage table: each layer, each parameter passed through."""
+    rows = [('layer', 'kind', 'roles', 'd_in', 'groups', 'params')]
+    for layer in self.layers:
+      layout = layer.layout
+      rows.append((layer.key, layer.kind, layout.roles(), f'{layout.d_in:,}',
+                   f'{layout.groups:,}', f'{layout.param_count:,}'))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        f'MAC layer plan: {len(self.layers)} layers preconditioned, '
+        f'{self.fraction:.1%} of {self.total_params:,} parameters']
+    for row in rows:
+      lines.append('  ' + '  '.join(
+          c.ljust(w) if i < 3 else c.rjust(w)
+          for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    if self.passed:
+      lines.append(f'passed through unchanged ({1 - self.fraction:.1%}):')
+      width = max(len(f'{p.path} {p.shape}') for p in self.passed)
+      for p in self.passed:
+        lines.append(f'  {f"{p.path} {p.shape}".ljust(width)}  {p.reason}')
+    return '\n'.join(lines)
+
+  def __str__(self) -> str:
+    return self.summary()
+
+
+# ------------------------------------------------------------------ building
+
+
+def _shape(leaf) -> tuple[int, ...]:
+  return tuple(np.shape(leaf))
+
+
+def _layer_layout(path: str, name: str, calls: Sequence[Any],
+                  kernel_shape, bias_shape) -> KernelLayout:
+  shapes = sorted({_shape(c) for c in calls})
+  if len(shapes) != 1:
+    raise ValueError(f"mac: layer '{path}' was called with inputs of "
+                     f'different feature shapes: statistics {shapes}.')
+  try:
+    return KernelLayout.from_statistic(
+        shapes[0], kernel_shape, bias_shape,
+        transposed=name == statistics.ATTEND_MEAN)
+  except LayoutError as e:
+    raise ValueError(f"mac: layer '{path}': {e}") from None
+
+
+def _pass_reason(path: statistics.Path, module_types: Mapping[str, str],
+                 called: Iterable[str]) -> str:
+  module = statistics.join(path[:-1])
+  kind = module_types.get(module)
+  leaf = path[-1]
+  if kind is not None and 'Norm' in kind:
+    return f'normalization parameter ({kind})'
+  if leaf == 'embedding' and kind is not None and 'Embed' in kind:
+    return ('embedding lookup (capture(embed_lookup=True) preconditions it '
+            'with token frequencies)')
+  if kind is not None and module in called:
+    return f'{leaf} of {kind} without a MAC statistic'
+  if kind is not None:
+    return f'unsupported layer type {kind}'
+  if leaf in ('kernel', 'embedding'):
+    return f'{leaf} without a statistic (layer not called in the forward pass?)'
+  return f'{leaf}: no MAC statistic'
+
+
+def from_statistics(
+    params: Any,
+    intermediates: Any,
+    *,
+    kinds: Optional[Mapping[str, str]] = None,
+    module_types: Optional[Mapping[str, str]] = None,
+    called: Iterable[str] = (),
+    skip_missing_params: bool = False,
+) -> LayerPlan:
+  """Builds the plan from parameters and the statistics a capture sowed.
+
+  Args:
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+    intermediates: the captured statistics (arrays or shapes).
+    kinds: ``{module path: kind}`` from the capture (default: each layer's
+      kind from its statistic alone).
+    module_types: ``{module path: class name}`` of the model's modules, to
+      say why a parameter is passed through.
+    called: module paths of supported layers the forward pass called.
+    skip_missing_params: skip statistics whose parameter is absent (masked
+      out) instead of raising.
+
+  Raises:
+    ValueError: a statistic has no parameter, does not fit it, or a layer
+      the capture supports was called but no statistic came back.
+  """
+  kinds = dict(kinds or {})
+  module_types = dict(module_types or {})
+  leaves = jax.tree_util.tree_leaves(params)
+  index = statistics.leaf_paths(params)
+  found = statistics.sown_statistics(intermediates)
+  fused = {path for path, name in found if name == statistics.ATTENTION_MEAN}
+  layers, used = [], set()
+  for (path, name), calls in sorted(found.items()):
+    if name == statistics.MEAN and path in fused:
+      continue   # sow_attention's statistic replaces the plain one
+    key = statistics.join(path)
+    kernel_path = path + (statistics.PARAM[name],)
+    if kernel_path not in index:
+      if skip_missing_params:
+        continue
+      raise ValueError(
+          f"mac: a statistic '{name}' was sown at '{key}' but there is no "
+          f"parameter '{statistics.join(kernel_path)}': statistics must be "
+          'sown by the module that owns the parameter.')
+    bias_path = path + ('bias',)
+    has_bias = name in statistics.WITH_BIAS and bias_path in index
+    layout = _layer_layout(
+        key, name, calls, _shape(leaves[index[kernel_path]]),
+        _shape(leaves[index[bias_path]]) if has_bias else None)
+    kind = _KIND_OF_STAT.get(name) or kinds.get(key, STATISTIC)
+    layers.append(PlannedLayer(key, name, kind, layout))
+    used.add(kernel_path)
+    if has_bias:
+      used.add(bias_path)
+  planned = {layer.path for layer in layers}
+  lost = sorted(set(called) - planned)
+  if lost:
+    raise ValueError(
+        f'mac: the layers {lost} were called under the capture but their '
+        'statistics did not come back. Inside nn.scan / nn.vmap (or '
+        "nnx.scan / nnx.vmap) add 'intermediates' (nnx.Intermediate) to the "
+        'variable axes so the statistics of the transformed layers come out.')
+  passed = [PassedParam(statistics.join(p), _shape(leaves[i]),
+                        _pass_reason(p, module_types, called))
+            for p, i in sorted(index.items()) if p not in used]
+  return LayerPlan(tuple(layers), tuple(passed), intermediates)
+
+
+# ------------------------------------------------------------------- pairing
+
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+  """A planned layer's place in the gradients and this step's statistic."""
+  layer: PlannedLayer
+  kernel_index: int
+  bias_index: Optional[int]
+  calls: Optional[tuple]   # None: an optional layer not called this step
+
+
+def _check_real(layer: PlannedLayer, leaves, *indices) -> None:
+  for i in indices:
+    if i is not None and np.issubdtype(leaves[i].dtype, np.complexfloating):
+      raise ValueError(
+          f"mac: layer '{layer.path}': its gradient is complex "
+          f'({leaves[i].dtype}). MAC is defined for real weights; exclude '
+          'the layer with optax.masked / optax.partition.')
+
+
+def pair(plan: LayerPlan, grads: Any, intermediates: Any,
+         optional_layers: Sequence[str] = ()) -> list[Pairing]:
+  """Pairs each planned layer present in `grads` with its statistic, strictly.
+
+  Layers whose kernel is absent from `grads` (masked out by
+  ``optax.masked``/``optax.partition``) are skipped.
+
+  Raises:
+    ValueError: no statistic at all (the four usual causes), a planned layer
+      without its statistic (unless in `optional_layers`), a statistic the
+      plan does not know, a statistic of the wrong shape, a complex gradient.
+  """
+  leaves = jax.tree_util.tree_leaves(grads)
+  index = statistics.leaf_paths(grads)
+  found = statistics.sown_statistics(intermediates)
+  planned = {(layer.path, layer.statistic) for layer in plan.layers}
+  fused = {p for p, n in planned if n == statistics.ATTENTION_MEAN}
+  # A statistic whose parameter is masked out of `grads` is not this
+  # transform's business.
+  unknown = sorted(
+      statistics.join(p) + f' ({n})' for p, n in found
+      if (statistics.join(p), n) not in planned
+      and not (n == statistics.MEAN and statistics.join(p) in fused)
+      and p + (statistics.PARAM[n],) in index)
+  if unknown:
+    raise ValueError(
+        f'mac: statistics of layers the plan does not know: {unknown}. '
+        'Build the plan from the same model, inputs and capture options '
+        '(attention=, embed_lookup=) as the training step.')
+  pairings, missing = [], []
+  for layer in plan.layers:
+    path = tuple(layer.path.split('/')) if layer.path else ()
+    kernel_index = index.get(path + (layer.param,))
+    if kernel_index is None:
+      continue
+    bias_index = index.get(path + ('bias',)) if layer.has_bias else None
+    _check_real(layer, leaves, kernel_index, bias_index)
+    try:
+      layer.layout.check_fits(
+          leaves[kernel_index].shape,
+          None if bias_index is None else leaves[bias_index].shape)
+    except LayoutError as e:
+      raise ValueError(f"mac: layer '{layer.key}': {e}") from None
+    calls = found.get((path, layer.statistic))
+    if calls is None:
+      if layer.key not in optional_layers:
+        missing.append(layer.key)
+      pairings.append(Pairing(layer, kernel_index, bias_index, None))
+      continue
+    for call in calls:
+      if _shape(call) != layer.layout.stat_shape:
+        raise ValueError(
+            f"mac: layer '{layer.key}': statistic of shape {_shape(call)} "
+            f'does not match the plan {layer.layout.stat_shape} '
+            '([*stack, groups, d_in]).')
+    pairings.append(Pairing(layer, kernel_index, bias_index, tuple(calls)))
+  if missing and not found:
+    raise ValueError(NO_STATISTICS)
+  if missing:
+    raise ValueError(
+        f'mac: no statistic for the planned layers {missing}. If the model '
+        'legitimately skips them on some steps, list them in '
+        'mac(optional_layers=...); otherwise check that the forward pass '
+        'calls them under the capture.')
+  return pairings
