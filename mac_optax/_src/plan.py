@@ -35,6 +35,7 @@ EMBED_ATTEND = 'embed_attend'
 EMBED_LOOKUP = 'embed_lookup'
 ATTENTION_VALUE = 'attention_value'
 ATTENTION_FUSED = 'attention_fused'
+EINSUM = 'einsum'
 CUSTOM = 'custom'
 STATISTIC = 'statistic'   # known from a statistic's shape only
 
@@ -172,11 +173,33 @@ def _shape(leaf) -> tuple[int, ...]:
 
 
 def _layer_layout(path: str, name: str, calls: Sequence[Any],
-                  kernel_shape, bias_shape) -> KernelLayout:
+                  kernel_shape, bias_shape,
+                  layouts: Mapping[str, Any]) -> KernelLayout:
   shapes = sorted({_shape(c) for c in calls})
   if len(shapes) != 1:
     raise ValueError(f"mac: layer '{path}' was called with inputs of "
                      f'different feature shapes: statistics {shapes}.')
+  if name == statistics.EINSUM_MEAN:
+    # Which kernel axes are batched or contracted is in the equation, not in
+    # the statistic's shape: only the capture that saw the call knows it.
+    roles = layouts.get(path)
+    if roles is None:
+      raise ValueError(
+          f"mac: layer '{path}' is an einsum-style layer (nn.Einsum, "
+          'nnx.Einsum, DenseGeneral/LinearGeneral with batch axes): its '
+          'kernel layout cannot be inferred from the statistic. Pass '
+          'plan=mac_optax.linen.plan(...) / mac_optax.nnx.plan(...) to mac '
+          '(intermediates_like= and the quick start cannot express it).')
+    try:
+      layout = roles.layout(kernel_shape, bias_shape)
+    except (ValueError, LayoutError) as e:
+      raise ValueError(f"mac: layer '{path}': {e}") from None
+    if shapes[0] != layout.stat_shape:
+      raise ValueError(
+          f"mac: layer '{path}': statistic of shape {shapes[0]} does not "
+          f'match its einsum layout {layout.stat_shape} (roles '
+          f'{layout.roles()}).')
+    return layout
   try:
     return KernelLayout.from_statistic(
         shapes[0], kernel_shape, bias_shape,
@@ -195,13 +218,13 @@ def _pass_reason(path: statistics.Path, module_types: Mapping[str, str],
   if leaf == 'embedding' and kind is not None and 'Embed' in kind:
     return ('embedding lookup (capture(embed_lookup=True) preconditions it '
             'with token frequencies)')
-  if kind is not None and module in called:
-    return f'{leaf} of {kind} without a MAC statistic'
-  if kind is not None:
+  if leaf in ('kernel', 'embedding', 'bias'):
+    if kind is None:
+      return f'{leaf} without a statistic (layer not called in the forward pass?)'
+    if module in called:
+      return f'{leaf} of {kind} without a MAC statistic'
     return f'unsupported layer type {kind}'
-  if leaf in ('kernel', 'embedding'):
-    return f'{leaf} without a statistic (layer not called in the forward pass?)'
-  return f'{leaf}: no MAC statistic'
+  return f'{leaf}: not a layer kernel' + (f' ({kind})' if kind else '')
 
 
 def from_statistics(
@@ -212,6 +235,7 @@ def from_statistics(
     module_types: Optional[Mapping[str, str]] = None,
     called: Iterable[str] = (),
     skip_missing_params: bool = False,
+    layouts: Optional[Mapping[str, Any]] = None,
 ) -> LayerPlan:
   """Builds the plan from parameters and the statistics a capture sowed.
 
@@ -225,12 +249,18 @@ def from_statistics(
     called: module paths of supported layers the forward pass called.
     skip_missing_params: skip statistics whose parameter is absent (masked
       out) instead of raising.
+    layouts: ``{module path: roles}`` recorded by the capture for layers
+      whose kernel layout is not the prefix rule (einsum-style layers, sown
+      as ``EINSUM_MEAN``); each value has ``.layout(kernel_shape,
+      bias_shape) -> KernelLayout`` (e.g.
+      :class:`mac_optax._src.einsum_layout.AxisRoles`), stack axes added.
 
   Raises:
     ValueError: a statistic has no parameter, does not fit it, or a layer
       the capture supports was called but no statistic came back.
   """
   kinds = dict(kinds or {})
+  layouts = dict(layouts or {})
   module_types = dict(module_types or {})
   leaves = jax.tree_util.tree_leaves(params)
   index = statistics.leaf_paths(params)
@@ -253,7 +283,7 @@ def from_statistics(
     has_bias = name in statistics.WITH_BIAS and bias_path in index
     layout = _layer_layout(
         key, name, calls, _shape(leaves[index[kernel_path]]),
-        _shape(leaves[index[bias_path]]) if has_bias else None)
+        _shape(leaves[index[bias_path]]) if has_bias else None, layouts)
     kind = _KIND_OF_STAT.get(name) or kinds.get(key, STATISTIC)
     layers.append(PlannedLayer(key, name, kind, layout))
     used.add(kernel_path)
