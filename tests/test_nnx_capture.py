@@ -1,5 +1,6 @@
 """NNX capture: same statistics and updates as linen, dense references, nnx.Optimizer."""
 
+import functools
 import inspect
 import threading
 
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 import mac_optax
+from mac_optax._src import capture_nnx as mac_capture_nnx
 from mac_optax import linen as mac_linen
 from mac_optax import nnx as mac_nnx
 from tests import reference
@@ -891,3 +893,68 @@ def test_nnx_optimizer_with_lazily_created_layer_state():
 def test_examples_run(script):
   results = load_example(script).main(['--steps', '3', '--no-progress'])
   assert results and all(np.isfinite(r['train_loss']) for r in results)
+
+
+def test_a_wrapper_installed_by_another_library_survives_our_exit():
+  before = _patched_methods()
+  layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0), **INIT)
+  x = jnp.ones((2, 3))
+  with mac_nnx.capture():
+    ours = nnx.Linear.__dict__['__call__']
+
+    @functools.wraps(ours)          # copies every attribute of our wrapper
+    def theirs(self, *args, **kwargs):
+      theirs.calls += 1
+      return ours(self, *args, **kwargs)
+
+    theirs.calls = 0
+    nnx.Linear.__call__ = theirs
+  try:
+    assert nnx.Linear.__dict__['__call__'] is theirs   # not removed
+    # Ours stays inside theirs, inactive: one statistic per call, not two.
+    with mac_nnx.capture():
+      _, inter = nnx.capture(layer, nnx.Intermediate)(x)
+    assert len(inter[mac_optax.MEAN]) == 1
+    assert theirs.calls == 1
+  finally:
+    nnx.Linear.__call__ = before[(nnx.Linear, '__call__')]
+  assert _patched_methods() == before
+
+
+def test_exit_from_another_thread_restores_the_classes():
+  before = _patched_methods()
+  context = mac_nnx.capture()
+  context.__enter__()
+  assert _patched_methods() != before
+  errors = []
+
+  def close():
+    try:
+      context.__exit__(None, None, None)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  thread = threading.Thread(target=close)
+  thread.start()
+  thread.join(30)
+  assert not errors
+  assert _patched_methods() == before
+
+
+def test_flax_private_the_nnx_capture_relies_on():
+  seen = []
+
+  class Probe(nnx.Module):
+
+    def __call__(self, x):
+      seen.append(getattr(self, mac_capture_nnx.CAPTURES_ATTRIBUTE, None))
+      return x
+
+  probe = Probe()
+  nnx.capture(probe, nnx.Intermediate)(jnp.ones(2))
+  probe(jnp.ones(2))
+  assert seen[0] is not None and seen[1] is None, (
+      f'This Flax release no longer sets `{mac_capture_nnx.CAPTURES_ATTRIBUTE}` '
+      'on the modules nnx.capture collects from (only during the call): '
+      'mac_optax.nnx.capture relies on it to know when sowing is collected; '
+      'update mac_optax/_src/capture_nnx.py::_collecting.')
