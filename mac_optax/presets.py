@@ -1,4 +1,4 @@
-"""The authors' recipes (spec §5) as ready optimizers: ``mac_optax.presets.cifar``."""
+"""The authors' recipes as ready optimizers: ``mac_optax.presets.cifar``."""
 
 from mac_optax._src.presets import cifar
 from mac_optax._src.presets import imagenet

@@ -112,7 +112,7 @@ def grouped_statistic(inputs: jax.Array, weights: jax.Array, *,
 
   A fused projection ``x → [q | k | v]`` (one ``Dense`` to ``3·D``) splits
   its output columns into ``G = len(columns)`` equal groups (the ``G``-group
-  contract of :mod:`mac_optax._src.statistics`). Groups ``'q'`` and ``'k'``
+  contract of every MAC statistic). Groups ``'q'`` and ``'k'``
   get the plain mean ``x̄``, group ``'v'`` the mixed mean of
   :func:`mixed_mean`. Framework-agnostic.
 

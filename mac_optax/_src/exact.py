@@ -2,7 +2,7 @@
 
 The paper's exact first layer uses ``P = (Σ + λI)⁻¹`` of the layer's full
 input second moment (or ``L⁻ᵀ`` with ``L Lᵀ = Σ + λI``), computed once before
-training (:mod:`mac_optax._src.second_moment`). ``Ĝ_aug`` is the kernel
+training (:func:`mac_optax.first_layer.exact_first_layer`). ``Ĝ_aug`` is the kernel
 gradient laid out ``(d_in, d_out)`` with the bias gradient as an extra row;
 a layer with ``G`` column groups has one ``P_g`` per group, ``P`` is
 ``[G, d, d]`` with ``d = d_in (+1 with a bias)``.

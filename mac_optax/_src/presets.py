@@ -1,6 +1,6 @@
 """The authors' published recipes as ready optimizers.
 
-Each function returns the paper's whole optimizer (spec §5) built on
+Each function returns the paper's whole optimizer (its published recipes) built on
 :func:`mac_optax.mac_sgd`: MAC (exact first layer optional) → weight decay
 (never preconditioned) → heavy-ball momentum → ``−lr``.
 
@@ -21,10 +21,10 @@ the table: ``imagenet`` leaves normalization scales and biases alone
 (:func:`not_norm_mask`), ``vit``/``nanogpt`` decay only parameters with at
 least two dimensions (:func:`matrix_mask`).
 
-Deliberate differences from the reference (spec §2): the EMA of mean inputs
-is bias-corrected with each layer's own number of folded statistics (the
-reference advances one global counter once per hooked layer and fold, or
-only on ``Tinv`` steps in other versions); schedules are per step (the
+Deliberate differences from the reference: the EMA of mean inputs is
+bias-corrected with each layer's own number of folded statistics (the
+reference's counter advances once per fold step, as ours, so the two agree
+unless a non-finite batch is skipped); schedules are per step (the
 reference's CIFAR cosine steps per epoch).
 
 Every function lists all of :func:`mac_optax.mac_sgd`'s and
@@ -56,7 +56,7 @@ import optax
 from mac_optax._src import alias
 from mac_optax._src import smac as smac_lib
 
-# The spec §5 table, by recipe (values used by the functions below).
+# The table above, by recipe (values used by the functions below).
 RECIPES: dict[str, dict[str, Any]] = {
     'cifar': dict(learning_rate=0.1, momentum=0.9, nesterov=False,
                   stat_decay=0.95, damping=1.0, weight_decay=5e-4,

@@ -1,6 +1,6 @@
 """SMAC's probes: ``E_rows[g²]`` of every linen Dense/DenseGeneral/Conv output.
 
-See :mod:`mac_optax._src.smac` for the math; this is the linen side (a
+See :func:`mac_optax.smac.scale_by_grad_sq` for the math; this is the linen side (a
 custom-VJP identity on each layer output whose backward pass sends
 ``mean_rows(g²)`` to a zero probe variable created by ``Module.perturb``).
 """
