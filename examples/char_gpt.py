@@ -62,7 +62,7 @@ def loss_of(logits, window):
 NAMES = ('MAC', 'MAC + lookup', 'SGD', 'AdamW')
 
 
-def optimizer(name, lr, steps, shapes):
+def optimizer(name, lr, steps, plans):
   """The optimizer `name` at peak lr `lr`; capture() kwargs (None: no capture).
 
   Decoupled weight decay ``p ← p − lr·wd·p`` on matrices: AdamW's usual
@@ -83,7 +83,7 @@ def optimizer(name, lr, steps, shapes):
         schedule, momentum=0.9, nesterov=True, weight_decay=1e-3,
         decoupled_weight_decay=True, weight_decay_mask=mask, clip_norm=1.0,
         damping=1.0, stat_decay=0.95,
-        intermediates_like=shapes[lookup]), {'embed_lookup': lookup}
+        plan=plans[lookup]), {'embed_lookup': lookup}
   if name == 'SGD':
     return optax.chain(   # mac_sgd's chain without MAC
         optax.clip_by_global_norm(1.0),
@@ -94,16 +94,12 @@ def optimizer(name, lr, steps, shapes):
       schedule, weight_decay=0.1, mask=mask)), None
 
 
-def shapes_of(model, params, context):
-  """Statistic shapes without / with ``embed_lookup`` (for ``init``)."""
+def plans_of(model, params, context):
+  """The layer plans without / with ``embed_lookup`` (for ``mac_sgd``)."""
   example = jnp.zeros((1, context), jnp.int32)
-  shapes = {}
-  for lookup in (False, True):
-    with mac_optax.linen.capture(embed_lookup=lookup):
-      shapes[lookup] = jax.eval_shape(lambda p: model.apply(
-          {'params': p}, example, mutable=['intermediates'])[1][
-              'intermediates'], params)
-  return shapes
+  return {lookup: mac_optax.linen.plan(model, {'params': params}, example,
+                                       embed_lookup=lookup)
+          for lookup in (False, True)}
 
 
 def train(name, lr, model, data, args, progress=True):
@@ -112,7 +108,7 @@ def train(name, lr, model, data, args, progress=True):
   params = jax.jit(model.init)(jax.random.PRNGKey(args.seed), jnp.zeros(
       (1, args.context), jnp.int32))['params']
   tx, capture_kwargs = optimizer(name, lr, args.steps,
-                                 shapes_of(model, params, args.context))
+                                 plans_of(model, params, args.context))
   rng = np.random.default_rng(args.seed)
   val = jnp.asarray(batches(val_ids, args.val_windows, args.context,
                             np.random.default_rng(12345)))
@@ -231,6 +227,10 @@ def main(argv=None):
          'SGD': args.sgd_lr, 'AdamW': args.adam_lr}
   print(f'{len(ids)} characters, vocabulary {len(chars)}, {args.steps} '
         f'steps of {args.batch}×{args.context} tokens, seed {args.seed}')
+  if any(name.startswith('MAC') for name in names):
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(args.seed),
+                            jnp.zeros((1, args.context), jnp.int32))['params']
+    print(plans_of(model, shapes, args.context)['MAC + lookup' in names])
   if args.sweep:
     lrs.update(sweep(names, lrs, model, data, args, progress))
   results = {name: train(name, lrs[name], model, data, args, progress)

@@ -181,14 +181,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   model = CNN()
   params = jax.jit(model.init)(jax.random.key(args.seed),
                                x_train[:1])['params']
-  like = mac_linen.intermediates_like(model, {'params': params},
-                                      x_train[:args.batch_size])
+  plan = mac_linen.plan(model, {'params': params}, x_train[:1])
   tx = mac_optax.mac_sgd(
       optax.cosine_decay_schedule(args.lr, args.steps),
       momentum=args.momentum, damping=args.damping,
-      stat_decay=args.stat_decay, intermediates_like=like)
-  # Full state in init (intermediates_like): one compilation, and a
-  # template for restoring checkpoints.
+      stat_decay=args.stat_decay, plan=plan)
+  # Full state in init (from the plan): one compilation, and a template
+  # for restoring checkpoints.
   train_state = jax.jit(
       lambda p: {'params': p, 'opt_state': tx.init(p)},
       out_shardings=replicated)(params)
@@ -213,6 +212,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         f'{dict(mesh.shape)}, {jax.process_count()} process(es); global batch '
         f'{args.batch_size}; steps {start} → {stop} of {args.steps}'
         + (f' (resumed from {ckpt_dir}/{start})' if start else ''))
+  if jax.process_index() == 0:
+    print(plan)
   train_step = make_train_step(model, tx)
   params, opt_state = train_state['params'], train_state['opt_state']
   losses = []

@@ -150,16 +150,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
 
   model = CNN()
   params = model.init(jax.random.key(args.seed), x_train[:1])['params']
-  # Shapes of the captured statistics, so that `init` builds the whole MAC
-  # state and the jitted step compiles once (without it the state is created
-  # lazily by the first update, which costs one extra trace).
-  stats_like = mac_linen.intermediates_like(model, {'params': params},
-                                            x_train[:args.batch_size])
+  # The layer plan: which layers MAC preconditions, and how (one abstract
+  # forward pass). `init` builds the whole MAC state from it, so the jitted
+  # step compiles once, and `update` checks the captured statistics against it.
+  plan = mac_linen.plan(model, {'params': params}, x_train[:1])
   runs = [
       ('MAC', mac_optax.mac_sgd(args.mac_lr, momentum=args.momentum,
                                 damping=args.damping,
                                 stat_decay=args.stat_decay,
-                                intermediates_like=stats_like),
+                                plan=plan),
        True, args.mac_lr),
       ('SGD', optax.sgd(args.sgd_lr, momentum=args.momentum), False,
        args.sgd_lr),
@@ -167,6 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
   print(f'digits: {len(x_train)} train / {len(data[1])} test images, '
         f'{steps} steps of {args.batch_size} ({steps / per_epoch:.1f} epochs)'
         f', momentum {args.momentum}, seed {args.seed}')
+  print(plan)
   results = []
   for name, tx, uses_mac, lr in runs:
     result = train(name, model, params, tx, uses_mac, data, batches,

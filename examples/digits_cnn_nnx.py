@@ -133,15 +133,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                           args.seed)
   # One set of initial weights, copied into each run.
   graphdef, state = nnx.split(CNN(nnx.Rngs(args.seed)))
-  # Building the MAC state in `init` keeps the jitted step's state structure
-  # fixed (without it, the first step creates it and the step traces twice).
-  like = mac_nnx.intermediates_like(nnx.merge(graphdef, state),
-                                    x_train[:args.batch_size])
+  # The layer plan: which layers MAC preconditions, and how. `init` builds
+  # the whole MAC state from it, so the jitted step's state structure is
+  # fixed (one trace) and `update` checks the statistics against it.
+  plan = mac_nnx.plan(nnx.merge(graphdef, state), x_train[:1])
   runs = [
       ('MAC', mac_optax.mac_sgd(args.mac_lr, momentum=args.momentum,
                                 damping=args.damping,
                                 stat_decay=args.stat_decay,
-                                intermediates_like=like),
+                                plan=plan),
        mac_step, args.mac_lr),
       ('SGD', optax.sgd(args.sgd_lr, momentum=args.momentum), sgd_step,
        args.sgd_lr),
@@ -150,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         f'images, {args.steps} steps of {args.batch_size} '
         f'({args.steps / per_epoch:.1f} epochs), momentum {args.momentum}, '
         f'seed {args.seed}')
+  print(plan)
   results = []
   for name, tx, step_fn, lr in runs:
     model = nnx.merge(graphdef, jax.tree_util.tree_map(jnp.copy, state))

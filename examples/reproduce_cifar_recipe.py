@@ -133,13 +133,13 @@ def accuracy(model, params, batch_stats, x, y) -> float:
   return float(np.mean(np.argmax(np.asarray(logits), -1) == y))
 
 
-def optimizers(total_steps: int, exact: dict, inter_like: Any
+def optimizers(total_steps: int, exact: dict, plan: Any
                ) -> dict[str, tuple[optax.GradientTransformation, bool]]:
   """name -> (optimizer, needs MAC statistics)."""
   sgd_schedule = optax.cosine_decay_schedule(0.1, total_steps)
   return {
       'MAC (paper CIFAR recipe)': (mac_optax.presets.cifar(
-          total_steps, exact_layers=exact, intermediates_like=inter_like),
+          total_steps, exact_layers=exact, plan=plan),
                                    True),
       'SGD-momentum': (optax.chain(optax.add_decayed_weights(5e-4),
                                    optax.sgd(sgd_schedule, momentum=0.9)),
@@ -175,18 +175,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, list[float]]:
                                                             256)],
       STEM, damping=1.0, progress=not args.no_progress)
   exact_seconds = time.perf_counter() - t0
-  inter_like = mac_linen.intermediates_like(  # statistic shapes only
-      model, template, x_train[:args.batch_size])
+  plan = mac_linen.plan(model, template, x_train[:1])   # abstract pass
+  print(plan)
 
   results: dict[str, list[float]] = {}
   seconds: dict[str, float] = {}
-  runs = [(name, seed) for name in optimizers(1, exact, inter_like)
+  runs = [(name, seed) for name in optimizers(1, exact, plan)
           for seed in range(args.seeds)]
   steps = {}
   bar = tqdm(total=len(runs) * total_steps, disable=args.no_progress,
              desc='training')
   for name, seed in runs:
-    tx, uses_mac = optimizers(total_steps, exact, inter_like)[name]
+    tx, uses_mac = optimizers(total_steps, exact, plan)[name]
     if name not in steps:
       steps[name] = (tx, make_step(model, tx, uses_mac))
     tx, step = steps[name]

@@ -162,13 +162,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
   batches = batch_indices(len(x_train), args.batch_size, args.steps,
                           args.seed)
   graphdef, state = nnx.split(ViT(depth=args.depth, rngs=nnx.Rngs(args.seed)))
-  like = mac_nnx.intermediates_like(nnx.merge(graphdef, state),
-                                    x_train[:args.batch_size])
+  plan = mac_nnx.plan(nnx.merge(graphdef, state), x_train[:1])
   runs = [
       ('MAC', mac_optax.mac_sgd(args.mac_lr, momentum=args.momentum,
                                 damping=args.damping,
                                 stat_decay=args.stat_decay,
-                                intermediates_like=like),
+                                plan=plan),
        mac_step, args.mac_lr),
       ('SGD', optax.sgd(args.sgd_lr, momentum=args.momentum), plain_step,
        args.sgd_lr),
@@ -179,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         f'test images, 16 tokens of 2×2 pixels, depth {args.depth}, '
         f'{args.steps} steps of {args.batch_size} '
         f'({args.steps / per_epoch:.1f} epochs), seed {args.seed}')
+  print(plan)
   results = []
   for name, tx, step_fn, lr in runs:
     model = nnx.merge(graphdef, jax.tree_util.tree_map(jnp.copy, state))

@@ -59,7 +59,7 @@ def holdout(data):
 NAMES = ('MAC', 'AdamW', 'SGD')
 
 
-def optimizer(name, lr, steps, shapes):
+def optimizer(name, lr, steps, plan):
   """The optimizer `name` at peak learning rate `lr`, and whether it captures."""
   warmup = max(1, steps // 20)
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps,
@@ -72,7 +72,7 @@ def optimizer(name, lr, steps, shapes):
     return mac_optax.mac_sgd(
         schedule, momentum=0.9, weight_decay=1e-4,
         decoupled_weight_decay=True, weight_decay_mask=mask, clip_norm=1.0,
-        damping=1.0, stat_decay=0.95, intermediates_like=shapes), True
+        damping=1.0, stat_decay=0.95, plan=plan), True
   if name == 'AdamW':
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
         schedule, weight_decay=1e-4, mask=mask)), False
@@ -86,11 +86,10 @@ def train(name, lr, seed, model, data, args, progress=True):
   params = jax.jit(model.init)(jax.random.PRNGKey(seed),
                                x_train[:1])['params']
   steps = args.epochs * (len(y_train) // args.batch)
-  # Statistic shapes, so that MAC's state is complete from init (one
-  # compilation of the step instead of two).
-  shapes = mac_optax.linen.intermediates_like(model, {'params': params},
-                                              x_train[:1])
-  tx, captured = optimizer(name, lr, steps, shapes)
+  # The layer plan, so that MAC's state is complete from init (one
+  # compilation of the step) and update checks the statistics against it.
+  plan = mac_optax.linen.plan(model, {'params': params}, x_train[:1])
+  tx, captured = optimizer(name, lr, steps, plan)
 
   def loss_and_stats(params, x, y):
     if not captured:
@@ -184,6 +183,10 @@ def main(argv=None):
   print(f'{len(data[0][1])} train / {len(data[1][1])} test digits, '
         f'{args.epochs * (len(data[0][1]) // args.batch)} steps of '
         f'{args.batch}, {args.seeds} seed(s)')
+  if 'MAC' in names:
+    x = data[0][0][:1]
+    print(mac_optax.linen.plan(
+        model, jax.eval_shape(model.init, jax.random.PRNGKey(0), x), x))
   if args.sweep:
     lrs.update(sweep(names, lrs, model, data, args, progress))
   results = {name: [train(name, lrs[name], seed, model, data, args, progress)

@@ -1,6 +1,7 @@
 """The README's Python snippets run, and the digits demo runs end to end."""
 
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -38,6 +39,14 @@ def test_readme_snippets_run():
   assert {'Conv_0', 'DenseGeneral_0', 'Dense_0'} <= set(mac_states[0].layers)
   for leaf in jax.tree_util.tree_leaves(namespace['params']):
     assert np.all(np.isfinite(leaf))
+  # Each coverage table printed in the README is what its plan prints.
+  text = (ROOT / 'README.md').read_text(encoding='utf-8')
+  shown = re.findall(r'^```text\n(MAC layer plan.*?)\n```', text, re.S | re.M)
+  printed = {str(v) for v in namespace.values()
+             if isinstance(v, mac_optax.LayerPlan)}
+  assert len(shown) == 2, 'README lost the linen / NNX coverage tables'
+  for table in shown:
+    assert table in printed, f'README table differs from print(plan):\n{table}'
 
 
 def test_demo_runs_a_few_steps(capsys):
