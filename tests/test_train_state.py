@@ -48,15 +48,20 @@ def test_train_state_steps_equal_the_plain_optax_loop():
   state = mac_optax.TrainState.create(apply_fn=MODEL.apply, params=_params(),
                                       tx=tx)
   params, opt_state = _params(), tx.init(_params())
-  losses = []
-  for _ in range(5):
-    state, loss = _train_step(state, X, Y)
-    losses.append(float(loss))
+
+  @jax.jit
+  def plain_step(params, opt_state):
     (_, inter), grads = jax.value_and_grad(
         lambda p: _loss_fn(MODEL.apply, p, X, Y), has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params,
                                    intermediates=inter)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), opt_state
+
+  losses = []
+  for _ in range(5):
+    state, loss = _train_step(state, X, Y)
+    losses.append(float(loss))
+    params, opt_state = plain_step(params, opt_state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                state.params, params)
