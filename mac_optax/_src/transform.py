@@ -24,7 +24,13 @@ _MISSING_INTERMEDIATES = (
     "    ... tx.update(grads, opt_state, params, "
     "intermediates=v['intermediates'])\n"
     '(NNX: `with mac_optax.nnx.capture(): out, inter = '
-    'nnx.capture(model, nnx.Intermediate)(x)`.)')
+    'nnx.capture(model, nnx.Intermediate)(x)`.)'
+    '\nIf you train with `flax.training.train_state.TrainState`: its '
+    '`apply_gradients` does not forward keywords to `tx.update` (it calls '
+    '`tx.update(grads, opt_state, params)`), so the statistics never arrive '
+    'even when you pass them; use `mac_optax.TrainState`, whose '
+    "`state.apply_gradients(grads=grads, intermediates=v['intermediates'])` "
+    'forwards them.')
 
 
 class LayerState(NamedTuple):
