@@ -2,10 +2,13 @@
 
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
+
+import mac_optax
 
 from tests import markdown_snippets
 
@@ -22,7 +25,13 @@ def test_docs_pages_exist():
 
 @pytest.mark.parametrize('page', PAGES, ids=[p.name for p in PAGES])
 def test_docs_page_python_blocks_run(page):
-  markdown_snippets.run_python_blocks(page, f'docs/{page.name}')
+  namespace = markdown_snippets.run_python_blocks(page, f'docs/{page.name}')
+  # A coverage table shown on a page is what the page's plan prints.
+  printed = {str(v) for v in namespace.values()
+             if isinstance(v, mac_optax.LayerPlan)}
+  for table in re.findall(r'^```text\n(MAC layer plan.*?)\n```',
+                          page.read_text(encoding='utf-8'), re.S | re.M):
+    assert table in printed, f'{page.name}: table differs from print(plan)'
 
 
 def test_getting_started_shows_linen_nnx_and_train_state():
