@@ -86,13 +86,16 @@ def test_embed_attend_preconditions_the_table_along_features():
   reference.assert_close(updates['Embed_0']['embedding'], kernel.T)
 
 
-def test_dense_general_with_batch_dims_is_rejected_with_its_path():
+def test_dense_general_with_batch_dims_sows_one_mean_per_batch_index():
+  # Batched kernels are covered in tests/test_einsum.py; here: no rows, so
+  # the statistic of batch index n is x[n] itself.
   layer = nn.DenseGeneral(3, axis=-1, batch_dims=0)
-  x = jnp.ones((2, 4))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 4))
   params = layer.init(jax.random.PRNGKey(0), x)['params']
-  with pytest.raises(ValueError, match='batch_dims'):
-    with mac_linen.capture():
-      layer.apply({'params': params}, x, mutable=['intermediates'])
+  with mac_linen.capture():
+    _, v = layer.apply({'params': params}, x, mutable=['intermediates'])
+  np.testing.assert_allclose(v['intermediates']['mac_einsum_mean'][0], x,
+                             rtol=1e-6)
 
 
 def test_intermediates_like_matches_real_capture_shapes():

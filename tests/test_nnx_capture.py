@@ -174,11 +174,13 @@ def test_linear_general_matches_linen_and_dense_reference():
   _assert_trees_close(updates, updates_lin)
 
 
-def test_linear_general_with_batch_axis_is_rejected():
+def test_linear_general_with_batch_axis_sows_one_mean_per_batch_index():
+  # Batched kernels are covered in tests/test_einsum.py.
   layer = nnx.LinearGeneral(3, 2, batch_axis={0: 2}, rngs=nnx.Rngs(0),
                             **INIT)
-  with pytest.raises(ValueError, match='batch_axis'):
-    _nnx_capture(layer, jnp.ones((2, 3)))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3))
+  _, inter = _nnx_capture(layer, x)
+  np.testing.assert_allclose(inter['mac_einsum_mean'][0], x, rtol=1e-6)
 
 
 CONV_CASES = {

@@ -17,7 +17,7 @@ else is here, written once:
   call raises: the capture never falls back to a plain mean silently;
 * :func:`attention_statistic`: the statistic of ``sow_attention``;
 * :class:`Survey`: what a plan-building forward pass saw (module types,
-  layer kinds, supported layers called).
+  layer kinds, supported layers called, the axis roles of einsum layers).
 """
 
 from __future__ import annotations
@@ -226,6 +226,22 @@ class Survey:
   module_types: dict[str, str] = dataclasses.field(default_factory=dict)
   kinds: dict[str, str] = dataclasses.field(default_factory=dict)
   called: set[str] = dataclasses.field(default_factory=set)
+  # Kernel axis roles of layers the prefix rule cannot describe (einsum
+  # layers), by path: `plan.from_statistics(layouts=...)`.
+  layouts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def record_layout(self, path: str, roles: Any, where: str) -> None:
+    """Records a layer's axis roles; a second call must agree.
+
+    Raises:
+      ValueError: the layer was called with two different equations or
+        kernel roles (one kernel cannot have two layouts).
+    """
+    known = self.layouts.setdefault(path, roles)
+    if known != roles:
+      raise ValueError(
+          f"mac: einsum layer '{where}' was called with two different kernel "
+          f'layouts ({known} and {roles}); MAC needs one layout per kernel.')
 
 
 _SURVEYS = threading.local()

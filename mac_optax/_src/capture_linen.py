@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from mac_optax._src import attention
 from mac_optax._src import capture_core
+from mac_optax._src import einsum_layout
 from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import statistics
@@ -76,34 +77,52 @@ def _first_input(args, kwargs, name='inputs'):
   return args[0] if args else kwargs[name]
 
 
+def _tuple(value) -> tuple:
+  return (value,) if isinstance(value, int) else tuple(value)
+
+
+def _einsum(module: nn.Module, args, kwargs
+            ) -> tuple[str, jax.Array, str, einsum_layout.AxisRoles]:
+  """``nn.Einsum``: the equation given to the call wins, as in Flax."""
+  equation = args[1] if len(args) > 1 else kwargs.get('einsum_str')
+  equation = module.einsum_str if equation is None else equation
+  stat, roles = einsum_layout.call_statistic(
+      equation, _first_input(args, kwargs), module.shape, _path(module))
+  return statistics.EINSUM_MEAN, stat, plan_lib.EINSUM, roles
+
+
 def _statistic(module: nn.Module, method: str, args, kwargs,
-               options: capture_core.Options
-               ) -> Optional[tuple[str, jax.Array, str]]:
-  """``(name, statistic, kind)`` of a supported layer call, or None."""
+               options: capture_core.Options) -> Optional[tuple]:
+  """``(name, statistic, kind, roles or None)`` of a supported call, or None.
+
+  ``roles`` (einsum-style layers) is the kernel layout the plan records.
+  """
   if method == '__call__':
+    if isinstance(module, nn.Einsum):
+      return _einsum(module, args, kwargs)
     if isinstance(module, nn.DenseGeneral):
-      if isinstance(module.batch_dims, int) or tuple(module.batch_dims):
-        raise ValueError(
-            f"mac: layer '{_path(module)}': DenseGeneral with batch_dims="
-            f'{module.batch_dims} is not supported (its kernel has one slice '
-            'per batch index).')
-      axis = module.axis if not isinstance(module.axis, int) else (
-          module.axis,)
+      axis = _tuple(module.axis)
+      if _tuple(module.batch_dims):
+        stat, roles = einsum_layout.dense_general_call(
+            _first_input(args, kwargs), _tuple(module.batch_dims), axis,
+            _tuple(module.features), _path(module))
+        return statistics.EINSUM_MEAN, stat, plan_lib.EINSUM, roles
       return statistics.MEAN, mean_inputs.dense_mean(
-          _first_input(args, kwargs), axis), plan_lib.DENSE
+          _first_input(args, kwargs), axis), plan_lib.DENSE, None
     if isinstance(module, nn.Dense):
       return statistics.MEAN, mean_inputs.dense_mean(
-          _first_input(args, kwargs)), plan_lib.DENSE
+          _first_input(args, kwargs)), plan_lib.DENSE, None
     if isinstance(module, nn.Conv):
       return statistics.MEAN, mean_inputs.conv_statistic(
-          _first_input(args, kwargs), ConvGeometry.of(module)), plan_lib.CONV
+          _first_input(args, kwargs), ConvGeometry.of(module)), (
+              plan_lib.CONV), None
     if isinstance(module, nn.Embed) and options.embed_lookup:
       return statistics.LOOKUP_MEAN, attention.token_frequencies(
           _first_input(args, kwargs), module.num_embeddings), (
-              plan_lib.EMBED_LOOKUP)
+              plan_lib.EMBED_LOOKUP), None
   if method == 'attend' and isinstance(module, nn.Embed):
     return statistics.ATTEND_MEAN, mean_inputs.dense_mean(
-        _first_input(args, kwargs, 'query')), plan_lib.EMBED_ATTEND
+        _first_input(args, kwargs, 'query')), plan_lib.EMBED_ATTEND, None
   return None
 
 
@@ -145,11 +164,13 @@ def _interceptor(next_fun: Callable, args, kwargs, context, *,
   found = _statistic(module, method, args, kwargs, options)
   if found is None:
     return next_fun(*args, **kwargs)
-  name, mean, kind = found
+  name, mean, kind, roles = found
   path = _path(module)
   if survey is not None:
     survey.called.add(path)
     survey.kinds.setdefault(path, kind)
+    if roles is not None:
+      survey.record_layout(path, roles, path)
   if not module.is_mutable_collection(COLLECTION):
     return next_fun(*args, **kwargs)
   sow = lambda m: module.sow(COLLECTION, name, m)
@@ -174,7 +195,13 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
   """Sows MAC statistics from every supported layer of an unmodified model.
 
   Supported: ``nn.Dense`` (any leading axes), ``nn.DenseGeneral`` (any
-  contracted axes and output shape, no ``batch_dims``), ``nn.Conv`` (any
+  contracted axes and output shape; with ``batch_dims`` one mean input per
+  batch index), ``nn.Einsum`` (any explicit two-operand equation: kernel
+  axes contracted with the input, batched (shared by input, kernel and
+  output: one mean input per index) or output-only; sown as
+  ``mac_optax.EINSUM_MEAN``, whose layout only the plan knows, so
+  ``mac(plan=mac_optax.linen.plan(...))`` is required; an equation MAC
+  cannot model raises naming the layer), ``nn.Conv`` (any
   rank, strides, padding modes, input/kernel dilation,
   ``feature_group_count``), ``nn.Embed.attend``; inside ``nn.scan``
   (statistics stacked like the parameters; ``'intermediates'`` must be in
@@ -313,7 +340,8 @@ def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # p
   like = jax.eval_shape(forward, variables, *args)
   return plan_lib.from_statistics(
       variables['params'], like, kinds=survey.kinds,
-      module_types=survey.module_types, called=survey.called)
+      module_types=survey.module_types, called=survey.called,
+      layouts=survey.layouts)
 
 
 def intermediates_like(model: nn.Module, variables: Any, *args,

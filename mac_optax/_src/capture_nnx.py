@@ -1,7 +1,8 @@
 """Capture of MAC statistics from unmodified Flax NNX models.
 
 NNX has no method interceptor. Inside :func:`capture`, the ``__call__`` of
-``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.MultiHeadAttention``
+``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv``,
+``nnx.MultiHeadAttention``
 and ``nnx.Embed`` (lookups only with ``embed_lookup=True``), and
 ``nnx.Embed.attend``, are replaced on their classes by wrappers that sow the
 mean input of the call with ``module.sow(nnx.Intermediate, name, mean)`` and
@@ -45,6 +46,7 @@ import jax.numpy as jnp
 
 from mac_optax._src import attention
 from mac_optax._src import capture_core
+from mac_optax._src import einsum_layout
 from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import statistics
@@ -112,16 +114,54 @@ def _linear(module, args, kwargs, options):
   return statistics.MEAN, mean_inputs.dense_mean(_first_input(args, kwargs))
 
 
+def _einsum_roles(module) -> Optional[einsum_layout.AxisRoles]:
+  """The kernel roles the plan records for `module` (from its attributes).
+
+  NNX calls do not know their module's path, so the plan reads the layout
+  from the module's constructor arguments; each call is checked against it.
+  """
+  where = type(module).__name__
+  if isinstance(module, nnx.Einsum):
+    return einsum_layout.roles_of(module.einsum_str,
+                                  tuple(module.kernel_shape), where)
+  if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
+    return einsum_layout.dense_general_roles(
+        tuple(module.batch_axis.values()), module.in_features,
+        module.out_features)
+  return None
+
+
+def _checked_roles(module, roles: einsum_layout.AxisRoles) -> None:
+  planned = _einsum_roles(module)
+  if roles != planned:
+    raise ValueError(
+        f'mac: {type(module).__name__} was called with kernel roles {roles}, '
+        f'its constructor arguments give {planned}: the NNX plan reads the '
+        'layout from the constructor, so an einsum_str given to the call '
+        'must classify the kernel axes the same way.')
+
+
 def _linear_general(module, args, kwargs, options):
   del options
+  x = _first_input(args, kwargs)
   if module.batch_axis:
-    raise ValueError(
-        'mac: nnx.LinearGeneral with batch_axis='
-        f'{dict(module.batch_axis)} (in_features={module.in_features}, '
-        f'out_features={module.out_features}) is not supported: its kernel '
-        'has one slice per batch index.')
-  return statistics.MEAN, mean_inputs.dense_mean(_first_input(args, kwargs),
-                                                 module.axis)
+    stat, roles = einsum_layout.dense_general_call(
+        x, tuple(module.batch_axis), module.axis, module.out_features,
+        type(module).__name__)
+    _checked_roles(module, roles)
+    return statistics.EINSUM_MEAN, stat
+  return statistics.MEAN, mean_inputs.dense_mean(x, module.axis)
+
+
+def _einsum(module, args, kwargs, options):
+  del options
+  equation = args[1] if len(args) > 1 else kwargs.get('einsum_str')
+  equation = module.einsum_str if equation is None else equation
+  stat, roles = einsum_layout.call_statistic(
+      equation, _first_input(args, kwargs), jnp.shape(module.kernel[...]),
+      type(module).__name__)
+  _checked_roles(module, roles)
+  return statistics.EINSUM_MEAN, stat
 
 
 def _conv(module, args, kwargs, options):
@@ -238,6 +278,7 @@ def _patch_table() -> list[tuple[type, str, Callable]]:
   stat = lambda fn: functools.partial(_stat_wrapper, statistic=fn)
   return [(nnx.Linear, '__call__', stat(_linear)),
           (nnx.LinearGeneral, '__call__', stat(_linear_general)),
+          (nnx.Einsum, '__call__', stat(_einsum)),
           (nnx.Conv, '__call__', stat(_conv)),
           (nnx.Embed, 'attend', stat(_attend)),
           (nnx.Embed, '__call__', stat(_lookup)),
@@ -289,7 +330,14 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
   context; the returned ``nnx.State`` holds, at the path of each layer, the
   statistic the transform pairs with the layer's ``kernel`` (or tied
   ``embedding``). Supported: ``nnx.Linear``, ``nnx.LinearGeneral`` (any
-  contracted axes and output shape, no ``batch_axis``), ``nnx.Conv`` (any
+  contracted axes and output shape; with ``batch_axis`` one mean input per
+  batch index), ``nnx.Einsum`` (any explicit two-operand equation: kernel
+  axes contracted with the input, batched (shared by input, kernel and
+  output: one mean input per index) or output-only; sown as
+  ``mac_optax.EINSUM_MEAN``, whose layout only the plan knows, so
+  ``mac(plan=mac_optax.nnx.plan(...))`` is required; the plan reads the
+  layout from the constructor's ``einsum_str``, and an equation MAC cannot
+  model raises), ``nnx.Conv`` (any
   rank, strides, padding modes including ``'CIRCULAR'``/``'REFLECT'``/
   ``'CAUSAL'``, input and kernel dilation, ``feature_group_count``),
   ``nnx.Embed.attend`` (tied output layer) and ``nnx.MultiHeadAttention``
@@ -376,7 +424,8 @@ def sow_attention(projection: nnx.Module, inputs: jax.Array, *,
 # --------------------------------------------------------------------------
 # The plan.
 
-_KINDS = ((nnx.Conv, plan_lib.CONV), (nnx.LinearGeneral, plan_lib.DENSE),
+_KINDS = ((nnx.Conv, plan_lib.CONV), (nnx.Einsum, plan_lib.EINSUM),
+          (nnx.LinearGeneral, plan_lib.DENSE),
           (nnx.Linear, plan_lib.DENSE), (nnx.Embed, plan_lib.EMBED_ATTEND))
 
 
@@ -391,6 +440,13 @@ def _survey(model: nnx.Module, attention_mode: str) -> capture_core.Survey:
     kind = next((k for cls, k in _KINDS if isinstance(node, cls)),
                 plan_lib.CUSTOM)
     survey.kinds.setdefault(key, kind)
+    try:
+      roles = _einsum_roles(node)
+    except ValueError:
+      roles = None   # an equation MAC cannot model raises when it is called
+    if roles is not None:
+      survey.kinds[key] = plan_lib.EINSUM
+      survey.layouts[key] = roles
     if (isinstance(node, nnx.MultiHeadAttention)
         and attention_mode != attention.PLAIN):
       survey.kinds[f'{key}/value'] = plan_lib.ATTENTION_VALUE
@@ -435,7 +491,7 @@ def plan(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=
   survey = _survey(model, attention)
   return plan_lib.from_statistics(
       nnx.state(model, nnx.Param), like, kinds=survey.kinds,
-      module_types=survey.module_types)
+      module_types=survey.module_types, layouts=survey.layouts)
 
 
 def intermediates_like(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=redefined-outer-name

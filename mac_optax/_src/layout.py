@@ -17,7 +17,8 @@ table. Every kernel axis has one role:
 
 The statistic of the layer is ``[*stack, G, d_in]`` with
 ``G = prod(batch sizes) · column_groups`` (batch indices major), and the bias,
-when present, has the size of the kernel's non-input axes.
+when present, has the size of the kernel's non-input axes (in kernel order,
+or in the order ``bias_axes`` gives).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class KernelLayout:
   outputs: tuple[int, ...]       # the rest, in kernel order
   column_groups: int = 1         # splits of outputs[0], each with its mean
   bias_shape: Optional[Shape] = None
+  # The kernel axes the bias's elements run over, in the bias's row-major
+  # order; None: the non-input axes in kernel order. An einsum layer's bias
+  # follows the output's axis order, which may differ from the kernel's.
+  bias_axes: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
     roles = self.stack + self.inputs + self.batch + self.outputs
@@ -70,6 +75,11 @@ class KernelLayout:
       raise LayoutError(
           f'a bias of shape {self.bias_shape} does not match the kernel '
           f"{self.shape}'s non-input axes {self.column_shape}.")
+    if self.bias_axes is not None and sorted(self.bias_axes) != [
+        a for a in range(len(self.shape)) if a not in self.inputs]:
+      raise LayoutError(
+          f'bias axes {self.bias_axes} are not the non-input axes of the '
+          f'kernel {self.shape} with roles {self.roles()}.')
 
   # ----------------------------------------------------------- constructors
 
@@ -166,7 +176,7 @@ class KernelLayout:
     return math.prod(self.shape) + bias
 
   def roles(self) -> str:
-    """One letter per kernel axis: ``s``tack, ``i``nput, ``b``atch, ``o``ut."""
+    """One letter per kernel axis: ``s`` (stack), ``i`` (input), ``b`` (batch), ``o`` (output)."""
     role = {}
     for letter, axes in zip('sibo', (self.stack, self.inputs, self.batch,
                                      self.outputs)):

@@ -13,7 +13,7 @@ where ``Ĝ`` is the gradient laid out as ``(d_in, d_out)``. The authors drop the
 A bias is an extra input row of ``Ĝ`` whose mean input is exactly ``1``, so it
 adds ``b̂`` to ``āᵀĜ`` and ``1`` to ``āᵀā`` without ever concatenating arrays.
 Every mean vector of a layer (one per stack index, batched axis index and
-column group, see :mod:`mac_optax._src.layout`) acts on its own columns.
+column group, see :class:`mac_optax.KernelLayout`) acts on its own columns.
 
 The kernel is never transposed, flattened or gathered: the contractions are
 written in the kernel's own axis order, so a kernel sharded along any axis
@@ -69,13 +69,37 @@ class _Specs:
     self.column_shape = tuple(n for c, n in zip(self.kernel, shape)
                               if c not in inputs)
     self.input_ndim = len(layout.inputs)
+    # The bias's own subscripts: an einsum layer's bias runs over the column
+    # axes in the output's order; einsum reorders, the bias is not copied.
+    bias_axes = layout.bias_axes
+    if bias_axes is None:
+      bias_axes = tuple(a for a in range(len(layout.shape))
+                        if a not in layout.inputs)
+    bias, bias_shape = [], []
+    for axis in bias_axes:
+      size = layout.shape[axis]
+      if axis == layout.outputs[0]:
+        bias += ['g', letter[axis]]
+        bias_shape += [layout.column_groups, size // layout.column_groups]
+      else:
+        bias.append(letter[axis])
+        bias_shape.append(size)
+    self.bias = ''.join(bias)
+    self.bias_shape = tuple(bias_shape)
 
 
 def _scale_columns(specs: _Specs, per_vector: jax.Array,
-                   columns: jax.Array) -> jax.Array:
-  """``columns * per_vector`` broadcast from the vectors to their columns."""
-  return jnp.einsum(f'{specs.vectors},{specs.columns}->{specs.columns}',
-                    per_vector, columns)
+                   columns: jax.Array, source: Optional[str] = None,
+                   target: Optional[str] = None) -> jax.Array:
+  """``columns * per_vector`` broadcast from the vectors to their columns.
+
+  `source`/`target` are the subscripts of `columns` and of the result
+  (default: ``specs.columns``, the kernel's order; ``specs.bias`` for a bias).
+  """
+  source = source or specs.columns
+  target = target or specs.columns
+  return jnp.einsum(f'{specs.vectors},{source}->{target}', per_vector,
+                    columns)
 
 
 def precondition(
@@ -131,8 +155,9 @@ def precondition(
   norm_sq = jnp.sum(jnp.square(tilde), axis=in_axes)
   bias = None
   if bias_grad is not None:
-    bias = bias_grad.astype(kernel.dtype).reshape(specs.column_shape)
-    projection = projection + _scale_columns(specs, 1 / scale, bias)
+    bias = bias_grad.astype(kernel.dtype).reshape(specs.bias_shape)
+    projection = projection + _scale_columns(specs, 1 / scale, bias,
+                                             source=specs.bias)
     norm_sq = norm_sq + jnp.square(1 / scale)
   inverse = 1 / (damping / jnp.square(scale) + norm_sq)
   coeff = _scale_columns(specs, inverse, projection)
@@ -141,7 +166,8 @@ def precondition(
       precision=_HIGHEST)
   new_bias = None
   if bias is not None:
-    new_bias = bias - _scale_columns(specs, 1 / scale, coeff)
+    new_bias = bias - _scale_columns(specs, 1 / scale, coeff,
+                                     target=specs.bias)
   if exact_inverse:
     new_kernel = new_kernel / damping
     new_bias = None if new_bias is None else new_bias / damping

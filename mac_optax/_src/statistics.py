@@ -3,7 +3,7 @@
 A capture (linen or NNX) sows, at the path of every layer it understands, one
 entry per call of the layer under one of the names below. Each entry is an
 array of shape ``[G, d_in]`` (``G`` mean vectors, see
-:mod:`mac_optax._src.layout`); layers stacked by ``nn.scan``/``nnx.scan``/
+:class:`mac_optax.KernelLayout`); layers stacked by ``nn.scan``/``nnx.scan``/
 ``vmap`` get extra leading axes, ``[*stack, G, d_in]``.
 
 The statistic sown at module path ``p`` preconditions the parameter at
@@ -17,6 +17,11 @@ The statistic sown at module path ``p`` preconditions the parameter at
   also records for that layer's call is then not used.
 * ``ATTEND_MEAN`` → ``p/embedding`` laid out ``(*stack, d_out, d_in)``
   (``Embed.attend``: the table used transposed). No bias.
+* ``EINSUM_MEAN`` → ``p/kernel`` (and ``p/bias``) of an einsum-style layer
+  (``nn.Einsum``, ``nnx.Einsum``, ``DenseGeneral``/``LinearGeneral`` with
+  batch axes), ``[*stack, G, d_in]`` with one group per batched index. Its
+  kernel layout is not a prefix rule: the capture records it in the layer
+  plan, and a transform without the plan refuses the statistic.
 * ``LOOKUP_MEAN`` → ``p/embedding`` laid out ``(*stack, d_in, d_out)``
   (``Embed`` lookup: a one-hot input of size ``d_in = vocab``, mean = token
   frequencies). No bias. A tied table may carry both embedding statistics;
@@ -34,12 +39,13 @@ MEAN = 'mac_mean'
 ATTENTION_MEAN = 'mac_attention_mean'
 ATTEND_MEAN = 'mac_attend_mean'
 LOOKUP_MEAN = 'mac_lookup_mean'
+EINSUM_MEAN = 'mac_einsum_mean'
 
 # sown name -> the parameter leaf it preconditions.
 PARAM = {MEAN: 'kernel', ATTENTION_MEAN: 'kernel', ATTEND_MEAN: 'embedding',
-         LOOKUP_MEAN: 'embedding'}
+         LOOKUP_MEAN: 'embedding', EINSUM_MEAN: 'kernel'}
 # Statistics whose layer's bias is an extra input row.
-WITH_BIAS = (MEAN, ATTENTION_MEAN)
+WITH_BIAS = (MEAN, ATTENTION_MEAN, EINSUM_MEAN)
 
 # Keys that wrap a leaf without naming a module (NNX variables, boxed metadata).
 _WRAPPER_KEYS = ('value', 'raw_value', 'unbox')
