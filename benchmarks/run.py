@@ -19,6 +19,10 @@ Sections (``--only`` takes a comma list):
   scaling  step-time overhead over SGD-momentum vs MLP width d
   capture  forward pass with and without ``mac_optax.linen.capture()``
   converge real data, LR grid × 3 seeds, mean ± std
+  gpt2     GPT-2-small (124 M) under FSDP on 8 host devices, MAC vs
+           SGD-momentum and AdamW (``benchmarks/gpt2_fsdp.py``, in a
+           subprocess; about 15 minutes on 2 cores, so not in the default
+           list); its section of RESULTS.md is replaced in place
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -42,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mac_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import models  # pylint: disable=wrong-import-position
+from benchmarks import gpt2_fsdp  # pylint: disable=wrong-import-position
 from benchmarks import report  # pylint: disable=wrong-import-position
 from benchmarks import steps  # pylint: disable=wrong-import-position
 
@@ -491,8 +497,25 @@ def machine() -> dict:
           '%Y-%m-%d %H:%M UTC'))
 
 
+# --------------------------------------------------------------------------
+# 6: GPT-2-small under FSDP.
+
+
+def bench_gpt2(quick: bool, out: dict):
+  """Runs benchmarks/gpt2_fsdp.py: 8 host devices need a fresh process."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'gpt2.json')
+    subprocess.run(
+        [sys.executable, os.path.join(HERE, 'gpt2_fsdp.py'), '--json', path]
+        + (['--quick'] if quick else []),
+        env=dict(os.environ, JAX_PLATFORMS='cpu'), check=True)
+    with open(path) as f:
+      out['gpt2'] = json.load(f)
+
+
 SECTIONS = {'speed': bench_speed_memory, 'scaling': bench_scaling,
-            'capture': bench_capture, 'converge': bench_convergence}
+            'capture': bench_capture, 'converge': bench_convergence,
+            'gpt2': bench_gpt2}
 
 
 def main(argv=None):
@@ -529,9 +552,13 @@ def main(argv=None):
     with open(results_json, 'w') as f:
       json.dump(out, f)
     tqdm.write(f'{section}: {time.perf_counter() - t0:.0f} s')
-  if not args.no_report and os.path.exists(RESULTS_JSON):
+  if (not args.no_report and os.path.exists(RESULTS_JSON)
+      and args.only.split(',') != ['gpt2']):
     with open(RESULTS_JSON) as f:
       report.write(json.load(f), HERE)
+  if not args.no_report and 'gpt2' in out and not out['gpt2']['quick']:
+    gpt2_fsdp.write_section(os.path.join(HERE, 'RESULTS.md'), out['gpt2'],
+                            out['machine_runs']['gpt2'])
 
 
 if __name__ == '__main__':
