@@ -21,6 +21,7 @@ from mac_optax._src.plan import PassedParam
 from mac_optax._src.plan import PlannedLayer
 from mac_optax._src.statistics import ATTEND_MEAN
 from mac_optax._src.statistics import ATTENTION_MEAN
+from mac_optax._src.statistics import EINSUM_MEAN
 from mac_optax._src.statistics import LOOKUP_MEAN
 from mac_optax._src.statistics import MEAN
 from mac_optax._src.transform import LayerState
@@ -56,6 +57,7 @@ def __dir__():
 __all__ = [
     'ATTEND_MEAN',
     'ATTENTION_MEAN',
+    'EINSUM_MEAN',
     'KernelLayout',
     'LayerPlan',
     'LayerState',

@@ -7,10 +7,11 @@ and ``nn.Conv`` (and every ``nn.Embed.attend``; ``nn.Embed`` lookups with
 ``params[p]['kernel']`` pairs with ``intermediates[p]['mac_mean']``. The model
 must be applied with ``mutable=['intermediates']`` for the values to come
 back. ``nn.MultiHeadDotProductAttention`` (and its subclasses) runs through
-:class:`mac_optax._src.capture_core.AttentionCall`: its value projection sows
+the shared attention-call recorder: its value projection sows
 the attention-mixed mean. This module only reaches the calls (through
 ``nn.intercept_methods``) and sows; the statistics are computed in
-:mod:`mac_optax._src.mean_inputs` and :mod:`mac_optax._src.capture_core`.
+the framework-neutral statistics core shared with the
+other capture.
 """
 
 from __future__ import annotations

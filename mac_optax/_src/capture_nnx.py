@@ -10,7 +10,8 @@ then run the original method unchanged. The value lands at the layer's own
 path of the ``nnx.capture(model, nnx.Intermediate)`` result, so
 ``grads[p]['kernel']`` pairs with ``intermediates[p]['mac_mean']`` exactly as
 on the linen path. The statistics themselves are computed in
-:mod:`mac_optax._src.mean_inputs` and :mod:`mac_optax._src.capture_core`.
+the framework-neutral statistics core shared with the
+other capture.
 
 Properties of the patching:
 
@@ -26,7 +27,7 @@ Properties of the patching:
 * subclasses that do not override the patched method are captured too.
 
 ``nnx.MultiHeadAttention`` runs through
-:class:`mac_optax._src.capture_core.AttentionCall`: the value projection gets
+the shared attention-call recorder: the value projection gets
 the attention-mixed mean from the probabilities the layer computes. Given a
 ``module``, Flax computes attention through its explicit-probabilities path
 instead of ``jax.nn.dot_product_attention``: inside the capture the layer's
@@ -449,7 +450,8 @@ def _survey(model: nnx.Module, attention_mode: str) -> capture_core.Survey:
       survey.layouts[key] = roles
     if (isinstance(node, nnx.MultiHeadAttention)
         and attention_mode != attention.PLAIN):
-      survey.kinds[f'{key}/value'] = plan_lib.ATTENTION_VALUE
+      survey.kinds['/'.join(filter(None, (key, 'value')))] = (
+          plan_lib.ATTENTION_VALUE)
   return survey
 
 

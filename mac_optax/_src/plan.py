@@ -144,11 +144,13 @@ class LayerPlan:
     rows = [('layer', 'kind', 'roles', 'd_in', 'groups', 'params')]
     for layer in self.layers:
       layout = layer.layout
-      rows.append((layer.key, layer.kind, layout.roles(), f'{layout.d_in:,}',
+      rows.append((layer.key or '(root)', layer.kind, layout.roles(),
+                   f'{layout.d_in:,}',
                    f'{layout.groups:,}', f'{layout.param_count:,}'))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
-        f'MAC layer plan: {len(self.layers)} layers preconditioned, '
+        f'MAC layer plan: {len(self.layers)} '
+        f"layer{'' if len(self.layers) == 1 else 's'} preconditioned, "
         f'{self.fraction:.1%} of {self.total_params:,} parameters']
     for row in rows:
       lines.append('  ' + '  '.join(

@@ -200,8 +200,21 @@ def mac(
     if known is None:   # quick start: the layers are in these statistics
       known = plan_lib.from_statistics(updates, intermediates,
                                        skip_missing_params=True)
-      if not statistics.sown_statistics(intermediates):
+      found = statistics.sown_statistics(intermediates)
+      if not found:
         raise ValueError(plan_lib.NO_STATISTICS)
+      if not known.layers:
+        # Without a plan, statistics at the wrong path and layers all masked
+        # out look the same: refuse rather than silently skip MAC.
+        looked = ', '.join(
+            f"'{statistics.join(p + (statistics.PARAM[n],))}'"
+            for p, n in sorted(found)[:5])
+        raise ValueError(
+            f'mac: none of the {len(found)} captured statistics has a '
+            f'parameter in the gradients (looked for {looked}). Statistics '
+            'must be sown at the path of the module that owns the parameter, '
+            'and come from the same model as the gradients. If every such '
+            'layer is masked out (optax.masked), pass plan= so MAC can tell.')
     pairings = plan_lib.pair(known, updates, intermediates, optional_layers)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     fold = state.step % cov_every == 0
