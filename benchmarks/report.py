@@ -470,10 +470,10 @@ def write(out: dict, outdir: str):
   for name, r in runs.items():
     head.append(f'  - {name}: {r.get("date")}, {r.get("seconds", 0):.0f} s, '
                 f'load {r.get("load")} → {r.get("load_end")}')
-  head += ['', f'Load averages above `nproc` mean that other jobs shared the '
-           f'cores during that section. Interleaving the optimizers in one '
-           f'process keeps the *ratios* comparable; absolute milliseconds and '
-           f'wall-clock times are inflated and noisy under load.', '']
+  head += ['', 'Load averages above `nproc` mean that other jobs shared the '
+           'cores during that section. Interleaving the optimizers in one '
+           'process keeps the *ratios* comparable; absolute milliseconds and '
+           'wall-clock times are inflated and noisy under load.', '']
   notes = os.path.join(outdir, 'notes.md')
   if os.path.exists(notes) and not out.get('quick'):  # notes: the full run
     with open(notes) as f:

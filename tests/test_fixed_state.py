@@ -5,7 +5,6 @@ restores into a template needs ``update`` to return exactly ``init``'s
 structure; a trace counter checks one compilation per jitted step.
 """
 
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp

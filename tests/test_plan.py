@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import mac_optax
 from mac_optax import linen as mac_linen
 from mac_optax import nnx as mac_nnx
 
@@ -200,7 +199,9 @@ def test_statistic_without_parameter_is_refused():
 
 
 def test_optax_transform_and_plan_import_without_flax():
-  import subprocess, sys, textwrap  # pylint: disable=g-import-not-at-top,multiple-imports
+  import subprocess
+  import sys
+  import textwrap  # pylint: disable=g-import-not-at-top,multiple-imports
   code = textwrap.dedent("""
       import sys
       sys.modules['flax'] = None          # any flax import now fails
