@@ -172,3 +172,24 @@ def test_tied_embedding_attend_layer():
   np.testing.assert_allclose(recomputed['Embed_0'].cosine,
                              given['Embed_0'].cosine, rtol=1e-5)
   assert float(given['Embed_0'].cosine) < 1.0
+
+
+def test_figures_use_the_damping_and_mean_the_update_used():
+  """λ comes from the state (here a schedule the diagnostics never see)."""
+  layer = nn.Dense(1, use_bias=False)
+  x = jnp.array([[1.0, 2.0], [1.0, 2.0]])
+  params = init_params(layer, x)
+  plan = mac_linen.plan(layer, {'params': params}, x)
+  tx = optax.inject_hyperparams(mac_optax.mac)(
+      damping=lambda step: 2.0 + step, plan=plan)
+  with mac_linen.capture():
+    _, v = layer.apply({'params': params}, x, mutable=['intermediates'])
+  grads = {'kernel': jnp.array([[1.0], [0.0]])}
+  state = tx.init(params)
+  for _ in range(2):                                   # λ = 2, then 3
+    _, state = tx.update(grads, state, params,
+                         intermediates=v['intermediates'])
+  figures = diagnostics.layer_figures(grads, state, plan)
+  np.testing.assert_allclose(figures[''].shrink, [3 / (3 + 5)], rtol=1e-6)
+  np.testing.assert_allclose(figures[''].mean_norm, [np.sqrt(5.0)],
+                             rtol=1e-6)
