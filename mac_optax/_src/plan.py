@@ -254,8 +254,8 @@ def from_statistics(
     layouts: ``{module path: roles}`` recorded by the capture for layers
       whose kernel layout is not the prefix rule (einsum-style layers, sown
       as ``EINSUM_MEAN``); each value has ``.layout(kernel_shape,
-      bias_shape) -> KernelLayout`` (e.g.
-      :class:`mac_optax._src.einsum_layout.AxisRoles`), stack axes added.
+      bias_shape) -> KernelLayout`` (an einsum's axis roles), stack axes
+      added.
 
   Raises:
     ValueError: a statistic has no parameter, does not fit it, or a layer
