@@ -337,8 +337,11 @@ def write_section(path: str, result: dict, machine: dict) -> None:
                        if 'unavailable' not in str(v))
   block = '\n'.join([
       BEGIN, markdown(result),
-      f"Machine: {machine['cpu']}, {machine['nproc']} cores (shared; load "
-      f"{machine['load']} at the start), {machine['date']}; {versions}.",
+      f"Machine: {machine['cpu']}, {machine['nproc']} cores, "
+      f"{machine['date']}; {versions}. The cores were shared: load average "
+      f"{machine['load'].split()[0]} at the start, "
+      f"{machine.get('load_end', '?').split()[0]} at the end, so step-time "
+      'ratios within about 10 % of 1 are noise here.',
       END])
   with open(path) as f:
     text = f.read()
