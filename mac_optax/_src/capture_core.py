@@ -29,24 +29,29 @@ import threading
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from mac_optax._src import attention
 from mac_optax._src import mean_inputs
+from mac_optax._src import token_mask as token_mask_lib
 
 _WEIGHTS_NAME = 'attention_weights'   # what Flax's attention sows
 
 
-def input_mean(x: jax.Array, axis: Sequence[int] = (-1,)) -> jax.Array:
+def input_mean(x: jax.Array, axis: Sequence[int] = (-1,),
+               token_mask: Optional[jax.Array] = None) -> jax.Array:
   """``[1, d_in]`` mean of ``x`` over all axes but the contracted ``axis``.
 
   The statistic of a layer computing ``y = x @ kernel`` over the contracted
   axes, for :func:`mac_optax.linen.sow_mean` / :func:`mac_optax.nnx.sow_mean`.
+  With `token_mask` (``[*batch, tokens]``) and ``x`` leading with its shape,
+  the mean over real tokens only.
 
   Example:
     >>> input_mean(jnp.ones((2, 5, 8))).shape
     (1, 8)
   """
-  return mean_inputs.dense_mean(x, axis)
+  return mean_inputs.dense_mean(x, axis, token_mask_lib.checked(token_mask))
 
 
 # ------------------------------------------------------------ open captures
@@ -54,13 +59,32 @@ def input_mean(x: jax.Array, axis: Sequence[int] = (-1,)) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Options:
-  """The options of one open capture (compared by identity)."""
+  """The options of one open capture (compared by identity).
+
+  ``token_mask`` is the capture's ``[*batch, tokens]`` padding mask (an
+  array, traced under ``jit``) or None; see the token-mask module for which
+  inputs it applies to.
+  """
   attention: str
   embed_lookup: bool
+  token_mask: Optional[jax.Array] = None
 
   @classmethod
-  def checked(cls, attention_mode: str, embed_lookup: bool) -> Options:
-    return cls(attention.check_mode(attention_mode), bool(embed_lookup))
+  def checked(cls, attention_mode: str, embed_lookup: bool,
+              token_mask: Any = None) -> Options:
+    """Validated options.
+
+    Raises:
+      ValueError: an unknown attention mode, a malformed mask, or a mask
+        with ``attention='product_of_means'`` (whose ``Σ_j w_j x̄_j`` has no
+        real-token form).
+    """
+    mode = attention.check_mode(attention_mode)
+    mask = token_mask_lib.checked(token_mask)
+    if mask is not None and mode == attention.PRODUCT_OF_MEANS:
+      raise ValueError("mac: attention='product_of_means' is not defined "
+                       "with a token_mask; use attention='exact'.")
+    return cls(mode, bool(embed_lookup), mask)
 
 
 class OpenCaptures:
@@ -101,23 +125,34 @@ class _Recorder:
   """Stands in for ``module`` in ``attention_fn(..., module=)``.
 
   Flax's ``dot_product_attention_weights`` hands ``module.sow`` the
-  probabilities; they are reduced here to ``[B, Nk]`` at once. A real
-  module given by the layer (``sow_weights=True``) still receives them.
+  probabilities; they are reduced here to ``[B, Nk]`` at once (over real
+  queries when the queries are token rows of the capture's mask), with the
+  real queries per example (None: unmasked). A real module given by the
+  layer (``sow_weights=True``) still receives them.
   """
 
-  def __init__(self, weights: list, module: Any):
+  def __init__(self, weights: list, module: Any, mask: Optional[jax.Array]):
     self._weights = weights
     self._module = module
+    self._mask = mask
 
   def __bool__(self) -> bool:
     return True
 
   def sow(self, collection, name, value, *args, **kwargs):
     if name == _WEIGHTS_NAME:
-      self._weights.append(attention.key_weights(value))
+      self._weights.append(reduce_probs(value, self._mask))
     if self._module is not None:
       return self._module.sow(collection, name, value, *args, **kwargs)
     return False
+
+
+def reduce_probs(probs: jax.Array, mask: Optional[jax.Array]
+                 ) -> tuple[jax.Array, Optional[jax.Array]]:
+  """``(w_bj, n_b or None)``: key weights over real queries, their counts."""
+  queries = token_mask_lib.query_weights(mask, probs.shape)
+  counts = None if queries is None else jnp.sum(queries, axis=-1)
+  return attention.key_weights(probs, queries), counts
 
 
 def _accepts_module(fn: Callable) -> bool:
@@ -141,12 +176,13 @@ class AttentionCall:
 
   Args:
     where: the layer, for error messages (its path or class).
-    mode: ``'exact'`` or ``'product_of_means'``.
+    options: the open capture's options (mode and token mask).
   """
 
-  def __init__(self, where: str, mode: str):
+  def __init__(self, where: str, options: Options):
     self.where = where
-    self.mode = mode
+    self.mode = options.attention
+    self.mask = options.token_mask
     self._value = None
     self._weights: list = []
     self._held: list[_Held] = []
@@ -165,7 +201,8 @@ class AttentionCall:
     @functools.wraps(attention_fn)  # keeps the signature Flax filters on
     def wrapper(query, key, value, *args, **kwargs):
       self._value = value
-      kwargs['module'] = _Recorder(self._weights, kwargs.get('module'))
+      kwargs['module'] = _Recorder(self._weights, kwargs.get('module'),
+                                   self.mask)
       return attention_fn(query, key, value, *args, **kwargs)
 
     return wrapper
@@ -193,10 +230,11 @@ class AttentionCall:
           "capture(attention='plain') for this model, or sow_attention in a "
           'hand-written layer.')
     (value,) = values
+    (weights, counts), = self._weights
     for held in self._held:
       if held is value:
-        held.sow(attention.mixed_mean(self._weights[0], held.inputs,
-                                      self.mode))
+        held.sow(attention.mixed_mean(weights, held.inputs, self.mode,
+                                      counts))
         held.on_value()
       else:
         held.sow(held.mean)
@@ -205,15 +243,41 @@ class AttentionCall:
 def attention_statistic(where: str, inputs: jax.Array, *,
                         probs: Optional[jax.Array],
                         weights: Optional[jax.Array], columns: str,
-                        mode: str) -> jax.Array:
-  """The ``[len(columns), D]`` statistic of ``sow_attention``."""
+                        mode: Optional[str],
+                        current: Optional[Options]) -> jax.Array:
+  """The ``[len(columns), D]`` statistic of ``sow_attention``.
+
+  `mode` None takes the open capture's (`current`; ``'exact'`` outside one);
+  the token mask is the open capture's. Under a token mask: with `probs`, the queries are real where ``P``'s
+  batch and query axes are token rows; `weights` given instead must already
+  average over heads and real queries
+  (``key_weights_from_attention(..., query_mask=mask)``), and each example
+  counts with its real tokens ``Σ_t m_bt``.
+
+  Raises:
+    ValueError: not exactly one of `probs` and `weights`, or `weights`
+      whose batch axes are not the mask's.
+  """
   if (probs is None) == (weights is None):
     raise ValueError(f"mac: sow_attention at '{where}': give exactly one of "
                      'probs= and weights=.')
+  if mode is None:
+    mode = current.attention if current is not None else attention.EXACT
+  token_mask = current.token_mask if current is not None else None
   if weights is None:
-    weights = attention.key_weights(probs)
+    weights, counts = reduce_probs(probs, token_mask)
+  elif token_mask is None:
+    counts = None
+  elif tuple(weights.shape[:-1]) != tuple(token_mask.shape[:-1]):
+    raise ValueError(
+        f"mac: sow_attention at '{where}': weights of shape {weights.shape} "
+        f'do not have the batch axes of the token mask {token_mask.shape}; '
+        'give probs= instead.')
+  else:
+    counts = jnp.sum(token_mask != 0, axis=-1)
   stat = attention.grouped_statistic(inputs, weights, columns=columns,
-                                     mode=mode)
+                                     mode=mode, token_mask=token_mask,
+                                     query_counts=counts)
   return stat.astype(mean_inputs.stat_dtype(stat.dtype))
 
 

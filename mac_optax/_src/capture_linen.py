@@ -82,13 +82,13 @@ def _tuple(value) -> tuple:
   return (value,) if isinstance(value, int) else tuple(value)
 
 
-def _einsum(module: nn.Module, args, kwargs
+def _einsum(module: nn.Module, args, kwargs, mask
             ) -> tuple[str, jax.Array, str, einsum_layout.AxisRoles]:
   """``nn.Einsum``: the equation given to the call wins, as in Flax."""
   equation = args[1] if len(args) > 1 else kwargs.get('einsum_str')
   equation = module.einsum_str if equation is None else equation
   stat, roles = einsum_layout.call_statistic(
-      equation, _first_input(args, kwargs), module.shape, _path(module))
+      equation, _first_input(args, kwargs), module.shape, _path(module), mask)
   return statistics.EINSUM_MEAN, stat, plan_lib.EINSUM, roles
 
 
@@ -98,32 +98,35 @@ def _statistic(module: nn.Module, method: str, args, kwargs,
 
   ``roles`` (einsum-style layers) is the kernel layout the plan records.
   """
+  mask = options.token_mask
   if method == '__call__':
     if isinstance(module, nn.Einsum):
-      return _einsum(module, args, kwargs)
+      return _einsum(module, args, kwargs, mask)
     if isinstance(module, nn.DenseGeneral):
       axis = _tuple(module.axis)
       if _tuple(module.batch_dims):
         stat, roles = einsum_layout.dense_general_call(
             _first_input(args, kwargs), _tuple(module.batch_dims), axis,
-            _tuple(module.features), _path(module))
+            _tuple(module.features), _path(module), mask)
         return statistics.EINSUM_MEAN, stat, plan_lib.EINSUM, roles
       return statistics.MEAN, mean_inputs.dense_mean(
-          _first_input(args, kwargs), axis), plan_lib.DENSE, None
+          _first_input(args, kwargs), axis, mask), plan_lib.DENSE, None
     if isinstance(module, nn.Dense):
       return statistics.MEAN, mean_inputs.dense_mean(
-          _first_input(args, kwargs)), plan_lib.DENSE, None
+          _first_input(args, kwargs), mask=mask), plan_lib.DENSE, None
     if isinstance(module, nn.Conv):
       return statistics.MEAN, mean_inputs.conv_statistic(
-          _first_input(args, kwargs), ConvGeometry.of(module)), (
+          _first_input(args, kwargs), ConvGeometry.of(module), mask,
+          _path(module)), (
               plan_lib.CONV), None
     if isinstance(module, nn.Embed) and options.embed_lookup:
       return statistics.LOOKUP_MEAN, attention.token_frequencies(
-          _first_input(args, kwargs), module.num_embeddings), (
+          _first_input(args, kwargs), module.num_embeddings, mask), (
               plan_lib.EMBED_LOOKUP), None
   if method == 'attend' and isinstance(module, nn.Embed):
     return statistics.ATTEND_MEAN, mean_inputs.dense_mean(
-        _first_input(args, kwargs, 'query')), plan_lib.EMBED_ATTEND, None
+        _first_input(args, kwargs, 'query'), mask=mask), (
+            plan_lib.EMBED_ATTEND), None
   return None
 
 
@@ -138,7 +141,7 @@ def _is_attention(module: nn.Module, method: str,
 
 def _call_attention(module: nn.Module, next_fun: Callable, args, kwargs,
                     options: capture_core.Options, calls: list) -> Any:
-  call = capture_core.AttentionCall(_path(module), options.attention)
+  call = capture_core.AttentionCall(_path(module), options)
   original = module.attention_fn
   # Modules are frozen dataclasses; the field is swapped for this call only.
   object.__setattr__(module, 'attention_fn', call.recording(original))
@@ -192,7 +195,8 @@ def _interceptor(next_fun: Callable, args, kwargs, context, *,
 
 @contextlib.contextmanager
 def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
-            embed_lookup: bool = False) -> Iterator[None]:
+            embed_lookup: bool = False,
+            token_mask: Optional[jax.Array] = None) -> Iterator[None]:
   """Sows MAC statistics from every supported layer of an unmodified model.
 
   Supported: ``nn.Dense`` (any leading axes), ``nn.DenseGeneral`` (any
@@ -224,6 +228,17 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
     embed_lookup: also precondition ``nn.Embed`` lookup tables ``(V, D)``
       along the vocabulary axis with the token frequencies of the batch
       (the mean of the one-hot input), sown as ``mac_optax.LOOKUP_MEAN``.
+    token_mask: ``[batch, tokens]`` booleans (or integers, non-zero = real
+      token), e.g. the padding mask of the batch; may be traced (open the
+      capture inside the jitted function). Every statistic whose rows are
+      tokens becomes the mean over real tokens: inputs of ``Dense``,
+      ``DenseGeneral``, ``Einsum`` and ``Embed.attend`` whose leading axes
+      have the mask's shape and are row axes of the layer (neither
+      contracted, batched nor summed by it), lookup frequencies of ids of
+      the mask's shape, and the value projection's mixed mean over real
+      queries. Other inputs (pooled features, images) keep their plain
+      mean; a ``Conv`` whose input leads with the mask's shape raises. The
+      rule and its limits: ``docs/supported_layers.md``.
 
   Example:
     >>> with mac_optax.linen.capture():
@@ -232,7 +247,7 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
     >>> updates, state = tx.update(grads, state, params,
     ...                            intermediates=v['intermediates'])
   """
-  options = capture_core.Options.checked(attention, embed_lookup)
+  options = capture_core.Options.checked(attention, embed_lookup, token_mask)
   interceptor = functools.partial(_interceptor, options=options, calls=[])
   _OPEN.enter(options)
   try:
@@ -290,12 +305,9 @@ def sow_attention(projection: nn.Module, inputs: jax.Array, *,
     ...     y = jnp.einsum('bhij,bjhd->bihd', p, v).reshape(B, N, D)
     ...     return nn.Dense(D, name='c_proj')(y)
   """
-  if mode is None:
-    current = _OPEN.current()
-    mode = current.attention if current is not None else attention.EXACT
   stat = capture_core.attention_statistic(
       _path(projection), inputs, probs=probs, weights=weights,
-      columns=columns, mode=mode)
+      columns=columns, mode=mode, current=_OPEN.current())
   if projection.is_mutable_collection(COLLECTION):
     projection.sow(COLLECTION, statistics.ATTENTION_MEAN, stat)
 

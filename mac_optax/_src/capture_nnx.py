@@ -111,8 +111,9 @@ def _first_input(args, kwargs, name='inputs'):
 
 
 def _linear(module, args, kwargs, options):
-  del module, options
-  return statistics.MEAN, mean_inputs.dense_mean(_first_input(args, kwargs))
+  del module
+  return statistics.MEAN, mean_inputs.dense_mean(
+      _first_input(args, kwargs), mask=options.token_mask)
 
 
 def _einsum_roles(module) -> Optional[einsum_layout.AxisRoles]:
@@ -143,45 +144,43 @@ def _checked_roles(module, roles: einsum_layout.AxisRoles) -> None:
 
 
 def _linear_general(module, args, kwargs, options):
-  del options
-  x = _first_input(args, kwargs)
+  x, mask = _first_input(args, kwargs), options.token_mask
   if module.batch_axis:
     stat, roles = einsum_layout.dense_general_call(
         x, tuple(module.batch_axis), module.axis, module.out_features,
-        type(module).__name__)
+        type(module).__name__, mask)
     _checked_roles(module, roles)
     return statistics.EINSUM_MEAN, stat
-  return statistics.MEAN, mean_inputs.dense_mean(x, module.axis)
+  return statistics.MEAN, mean_inputs.dense_mean(x, module.axis, mask)
 
 
 def _einsum(module, args, kwargs, options):
-  del options
   equation = args[1] if len(args) > 1 else kwargs.get('einsum_str')
   equation = module.einsum_str if equation is None else equation
   stat, roles = einsum_layout.call_statistic(
       equation, _first_input(args, kwargs), jnp.shape(module.kernel[...]),
-      type(module).__name__)
+      type(module).__name__, options.token_mask)
   _checked_roles(module, roles)
   return statistics.EINSUM_MEAN, stat
 
 
 def _conv(module, args, kwargs, options):
-  del options
   return statistics.MEAN, mean_inputs.conv_statistic(
-      _first_input(args, kwargs), ConvGeometry.of(module))
+      _first_input(args, kwargs), ConvGeometry.of(module),
+      options.token_mask, type(module).__name__)
 
 
 def _attend(module, args, kwargs, options):
-  del module, options
+  del module
   return statistics.ATTEND_MEAN, mean_inputs.dense_mean(
-      _first_input(args, kwargs, 'query'))
+      _first_input(args, kwargs, 'query'), mask=options.token_mask)
 
 
 def _lookup(module, args, kwargs, options):
   if not options.embed_lookup:
     return None
   return statistics.LOOKUP_MEAN, attention.token_frequencies(
-      _first_input(args, kwargs), module.num_embeddings)
+      _first_input(args, kwargs), module.num_embeddings, options.token_mask)
 
 
 # --------------------------------------------------------------------------
@@ -257,7 +256,7 @@ def _attention_wrapper(patch: _Patch) -> Callable:
     decode = self.decode if decode is None else decode
     if options.attention == attention.PLAIN or decode:
       return original(self, *args, **kwargs)
-    call = capture_core.AttentionCall(type(self).__name__, options.attention)
+    call = capture_core.AttentionCall(type(self).__name__, options)
     attention_fn = self.attention_fn
     # The static attribute is swapped for this call only, bypassing NNX's
     # attribute bookkeeping: the graph structure does not change.
@@ -324,7 +323,8 @@ class _Capture:
 
 
 def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
-            embed_lookup: bool = False) -> _Capture:
+            embed_lookup: bool = False,
+            token_mask: Optional[jax.Array] = None) -> _Capture:
   """Sows MAC statistics from every supported layer of an unmodified model.
 
   Run the model through ``nnx.capture(model, nnx.Intermediate)`` inside this
@@ -358,6 +358,13 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
     embed_lookup: also precondition ``nnx.Embed`` lookup tables ``(V, D)``
       along the vocabulary axis with the token frequencies of the batch,
       sown as ``mac_optax.LOOKUP_MEAN``.
+    token_mask: the batch's ``[batch, tokens]`` padding mask (True or
+      non-zero for a real token; traced values welcome). Statistics with
+      token rows (an input leading with the mask's shape on axes the layer
+      neither contracts, batches nor sums) average over real tokens only,
+      as in :func:`mac_optax.linen.capture`; the value projection of
+      ``nnx.MultiHeadAttention`` averages over real queries. A ``Conv``
+      input leading with the mask's shape raises.
 
   Example:
     >>> def loss_fn(model):
@@ -367,7 +374,8 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
     >>> (l, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     >>> optimizer.update(model, grads, intermediates=inter)
   """
-  return _Capture(capture_core.Options.checked(attention, embed_lookup))
+  return _Capture(capture_core.Options.checked(attention, embed_lookup,
+                                               token_mask))
 
 
 def sow_attention(projection: nnx.Module, inputs: jax.Array, *,
@@ -412,12 +420,9 @@ def sow_attention(projection: nnx.Module, inputs: jax.Array, *,
     ...     y = jnp.einsum('bhij,bjhd->bihd', p, v).reshape(B, N, D)
     ...     return self.c_proj(y)
   """
-  if mode is None:
-    current = _OPEN.current()
-    mode = current.attention if current is not None else attention.EXACT
   stat = capture_core.attention_statistic(
       type(projection).__name__, inputs, probs=probs, weights=weights,
-      columns=columns, mode=mode)
+      columns=columns, mode=mode, current=_OPEN.current())
   if _collecting(projection):
     projection.sow(nnx.Intermediate, statistics.ATTENTION_MEAN, stat)
 

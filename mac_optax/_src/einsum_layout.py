@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from mac_optax._src import mean_inputs
+from mac_optax._src import token_mask
 from mac_optax._src.layout import KernelLayout
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -184,26 +185,41 @@ def dense_general_roles(batch_shape: Sequence[int],
                    batch + outputs)
 
 
-def statistic(layer: EinsumLayer, x: jax.Array) -> jax.Array:
+def statistic(layer: EinsumLayer, x: jax.Array,
+              mask: Optional[jax.Array] = None) -> jax.Array:
   """``[G, d_in]`` mean input of each batch index (module docstring).
+
+  With a token `mask` leading ``x`` on row letters (the rule of the
+  token-mask module), the rows are weighted by it:
+  ``ā[n, d] = Σ_{t,r,s} m_t x[t, r, s, n, d] / (Σ_t m_t · #r)``.
 
   Args:
     layer: from :func:`parse`.
     x: the layer input.
+    mask: the capture's token mask, or None.
 
   Returns:
     float32 (or wider) ``[prod(batch sizes), d_in]``.
   """
   x = jax.lax.stop_gradient(x)
-  rows = math.prod(n for c, n in zip(layer.x, x.shape)
-                   if c in layer.y and c not in layer.w)
-  summed = jnp.einsum(f'{layer.x}->{layer.stat_letters}', x,
-                      preferred_element_type=mean_inputs.stat_dtype(x.dtype),
-                      precision=_HIGHEST)
+  dtype = mean_inputs.stat_dtype(x.dtype)
+  row_axes = [a for a, c in enumerate(layer.x)
+              if c in layer.y and c not in layer.w]
+  rows = math.prod(x.shape[a] for a in row_axes)
+  weights = token_mask.row_weights(mask, x.shape, row_axes, dtype)
+  if weights is None:
+    summed = jnp.einsum(f'{layer.x}->{layer.stat_letters}', x,
+                        preferred_element_type=dtype, precision=_HIGHEST)
+    denominator = max(rows, 1)
+  else:
+    summed = jnp.einsum(
+        f'{layer.x},{layer.x[:weights.ndim]}->{layer.stat_letters}', x,
+        weights, preferred_element_type=dtype, precision=_HIGHEST)
+    denominator = token_mask.count(weights, rows // max(weights.size, 1))
   r = layer.roles
   groups = math.prod(r.kernel_shape[a] for a in r.batch)
   d_in = math.prod(r.kernel_shape[a] for a in r.inputs)
-  return summed.reshape(groups, d_in) / max(rows, 1)
+  return summed.reshape(groups, d_in) / denominator
 
 
 def dense_general_equation(input_ndim: int, batch_dims: Sequence[int],
@@ -228,23 +244,25 @@ def dense_general_equation(input_ndim: int, batch_dims: Sequence[int],
 
 
 def call_statistic(equation: str, x: jax.Array, kernel_shape: Sequence[int],
-                   where: str) -> tuple[jax.Array, AxisRoles]:
+                   where: str, mask: Optional[jax.Array] = None
+                   ) -> tuple[jax.Array, AxisRoles]:
   """The ``[G, d_in]`` statistic and kernel roles of one einsum-layer call.
 
   Raises:
     ValueError: an equation MAC cannot model (naming `where`).
   """
   layer = parse(equation, x.ndim, kernel_shape, where)
-  return statistic(layer, x), layer.roles
+  return statistic(layer, x, mask), layer.roles
 
 
 def dense_general_call(x: jax.Array, batch_dims: Sequence[int],
                        axis: Sequence[int], features: Sequence[int],
-                       where: str) -> tuple[jax.Array, AxisRoles]:
+                       where: str, mask: Optional[jax.Array] = None
+                       ) -> tuple[jax.Array, AxisRoles]:
   """:func:`call_statistic` of a ``DenseGeneral``/``LinearGeneral`` call."""
   batch_dims = tuple(a % x.ndim for a in batch_dims)
   axis = tuple(a % x.ndim for a in axis)
   kernel_shape = (tuple(x.shape[a] for a in batch_dims)
                   + tuple(x.shape[a] for a in axis) + tuple(features))
   equation = dense_general_equation(x.ndim, batch_dims, axis, len(features))
-  return call_statistic(equation, x, kernel_shape, where)
+  return call_statistic(equation, x, kernel_shape, where, mask)

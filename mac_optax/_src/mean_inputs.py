@@ -15,12 +15,13 @@ input position ``p`` is seen by kernel tap ``k`` for some output position;
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mac_optax._src import token_mask
 from mac_optax._src.conv_geometry import ConvGeometry
 
 STAT_DTYPE = jnp.float32
@@ -59,21 +60,37 @@ def _mean_rows(x: jax.Array) -> jax.Array:
   return sum_leading(x) / max(x.shape[0], 1)
 
 
-def dense_mean(x: jax.Array, axis: Sequence[int] = (-1,)) -> jax.Array:
+def dense_mean(x: jax.Array, axis: Sequence[int] = (-1,),
+               mask: Optional[jax.Array] = None) -> jax.Array:
   """Mean of ``x`` over every axis but the contracted ``axis``.
+
+  With a token `mask` whose shape leads ``x`` on row axes (the rule of the
+  token-mask module), the mean runs over real tokens only:
+  ``ā = Σ_{t,r} m_t x[t, r, :] / (Σ_t m_t · #r)``.
 
   Args:
     x: the layer input, any shape.
     axis: the contracted (input feature) axes, in kernel order.
+    mask: the capture's token mask, or None.
 
   Returns:
     ``[1, d_in]`` float32, ``d_in`` the product of the contracted sizes.
   """
   axis = tuple(sorted(a % x.ndim for a in axis))
   x = jax.lax.stop_gradient(x)
+  rows = [a for a in range(x.ndim) if a not in axis]
+  weights = token_mask.row_weights(mask, x.shape, rows, stat_dtype(x.dtype))
+  # The row axes keep their order, so the mask's axes stay in front.
   x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
   d_in = math.prod(x.shape[x.ndim - len(axis):])
-  return _mean_rows(x.reshape(-1, d_in))[None, :]
+  if weights is None:
+    return _mean_rows(x.reshape(-1, d_in))[None, :]
+  tokens = weights.size
+  x = x.reshape(tokens, -1, d_in)
+  summed = jnp.einsum('t,trd->d', weights.reshape(tokens), x,
+                      preferred_element_type=weights.dtype,
+                      precision=_HIGHEST)
+  return (summed / token_mask.count(weights, x.shape[1]))[None, :]
 
 
 def _tap_matrix(size: int, kernel: int, stride: int, pad: tuple[int, int],
@@ -164,8 +181,16 @@ def conv_mean_patch(
   return patch.reshape(groups, -1)
 
 
-def conv_statistic(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
-  """The ``[G, d_in]`` mean patch of a convolution in Flax's conventions."""
+def conv_statistic(x: jax.Array, geometry: ConvGeometry,
+                   mask: Optional[jax.Array] = None,
+                   where: str = 'Conv') -> jax.Array:
+  """The ``[G, d_in]`` mean patch of a convolution in Flax's conventions.
+
+  Raises:
+    ValueError: the input leads with the shape of the capture's token
+      `mask` (no row mask makes a convolution's patches padding-free).
+  """
+  token_mask.check_not_conv(mask, x.shape, where)
   x, padding = geometry.resolve(x)
   return conv_mean_patch(
       x, geometry.kernel_size, strides=geometry.strides, padding=padding,

@@ -270,8 +270,8 @@ def from_statistics(
   fused = {path for path, name in found if name == statistics.ATTENTION_MEAN}
   layers, used = [], set()
   for (path, name), calls in sorted(found.items()):
-    if name == statistics.MEAN and path in fused:
-      continue   # sow_attention's statistic replaces the plain one
+    if name in statistics.REPLACED_BY_ATTENTION and path in fused:
+      continue   # sow_attention's statistic replaces the capture's
     key = statistics.join(path)
     kernel_path = path + (statistics.PARAM[name],)
     if kernel_path not in index:
@@ -348,7 +348,8 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
   unknown = sorted(
       statistics.join(p) + f' ({n})' for p, n in found
       if (statistics.join(p), n) not in planned
-      and not (n == statistics.MEAN and statistics.join(p) in fused)
+      and not (n in statistics.REPLACED_BY_ATTENTION
+               and statistics.join(p) in fused)
       and p + (statistics.PARAM[n],) in index)
   if unknown:
     raise ValueError(

@@ -13,8 +13,9 @@ The statistic sown at module path ``p`` preconditions the parameter at
   optional ``p/bias`` (Dense, DenseGeneral, Conv, custom layers).
 * ``ATTENTION_MEAN`` → the same kernel, from ``sow_attention`` (a fused
   projection whose column groups get attention-aware means). A layer with
-  this statistic is preconditioned with it; the plain ``MEAN`` a capture
-  also records for that layer's call is then not used.
+  this statistic is preconditioned with it; the ``MEAN`` or ``EINSUM_MEAN``
+  a capture also records for that layer's call is then not used (an einsum
+  projection must then have its input axes leading its kernel).
 * ``ATTEND_MEAN`` → ``p/embedding`` laid out ``(*stack, d_out, d_in)``
   (``Embed.attend``: the table used transposed). No bias.
 * ``EINSUM_MEAN`` → ``p/kernel`` (and ``p/bias``) of an einsum-style layer
@@ -46,6 +47,9 @@ PARAM = {MEAN: 'kernel', ATTENTION_MEAN: 'kernel', ATTEND_MEAN: 'embedding',
          LOOKUP_MEAN: 'embedding', EINSUM_MEAN: 'kernel'}
 # Statistics whose layer's bias is an extra input row.
 WITH_BIAS = (MEAN, ATTENTION_MEAN, EINSUM_MEAN)
+# What a capture sows for a projection that `sow_attention` also sows at: the
+# attention statistic replaces it (an einsum projection's included).
+REPLACED_BY_ATTENTION = (MEAN, EINSUM_MEAN)
 
 # Keys that wrap a leaf without naming a module (NNX variables, boxed metadata).
 _WRAPPER_KEYS = ('value', 'raw_value', 'unbox')
