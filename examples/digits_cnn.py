@@ -14,7 +14,7 @@ The data are the 1797 8×8 handwritten digits bundled with scikit-learn
 
 Run::
 
-    python examples/digits_cnn.py                 # ~1 minute on 2 CPU cores
+    python examples/digits_cnn.py                 # ~15 s on 2 busy CPU cores
     python examples/digits_cnn.py --steps 5       # smoke run
     python examples/digits_cnn.py --epochs 10 --mac-lr 0.05 --seed 1
 """

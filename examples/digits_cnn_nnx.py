@@ -14,7 +14,7 @@ split 75/25 into train and test sets.
 
 Run::
 
-    python examples/digits_cnn_nnx.py                # ~1 minute on 2 CPU cores
+    python examples/digits_cnn_nnx.py                # ~15 s on 2 busy CPU cores
     python examples/digits_cnn_nnx.py --steps 5      # smoke run
 """
 
