@@ -216,3 +216,54 @@ def test_product_of_means_with_a_mask_raises():
   with pytest.raises(ValueError, match='product_of_means'):
     mac_optax.nnx.capture(attention='product_of_means',
                           token_mask=np.ones((2, 3), bool))
+
+
+def test_sow_attention_gqa_padded_equals_unpadded():
+  from tests import test_gqa   # pylint: disable=g-import-not-at-top
+  _, mask = _batch()
+  x = jax.random.normal(jax.random.key(2), (B, T, test_gqa.D))
+  model = test_gqa._LinenGQA()   # causal: real queries never read padding
+  variables = model.init(jax.random.key(1), x)
+
+  @jax.jit
+  def padded_stats(variables, x, mask):
+    with mac_optax.linen.capture(token_mask=mask):
+      _, v = model.apply(variables, x, mutable=['intermediates'])
+    return v['intermediates']
+
+  padded = padded_stats(variables, x, mask)
+  per_sequence = []
+  with reference.x64():
+    v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64),
+                                 variables)
+    for b, n in enumerate(LENGTHS):
+      with mac_optax.linen.capture():
+        _, v = model.apply(v64, jnp.asarray(x[b:b + 1, :n], jnp.float64),
+                           mutable=['intermediates'])
+      per_sequence.append(jax.tree_util.tree_map(np.asarray,
+                                                 v['intermediates']))
+  expected = _combine(per_sequence)
+  got = padded['kv'][mac_optax.ATTENTION_MEAN][0]
+  np.testing.assert_allclose(got, expected['kv'][mac_optax.ATTENTION_MEAN][0],
+                             rtol=2e-5, atol=2e-6)
+  np.testing.assert_allclose(padded['q'][mac_optax.EINSUM_MEAN][0],
+                             expected['q'][mac_optax.EINSUM_MEAN][0],
+                             rtol=2e-5, atol=2e-6)
+
+
+def test_key_weights_from_attention_with_a_query_mask():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  m = np.arange(5)[None, :] < np.array([[5], [2]])
+  w = mac_optax.attention.key_weights_from_attention(
+      jax.nn.dot_product_attention, q, k, query_mask=m)
+  s = np.einsum('bihd,bjhd->bhij', np.asarray(q, np.float64),
+                np.asarray(k, np.float64)) / 2.0
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  expected = np.einsum('bhij,bi->bj', p, m) / (3 * m.sum(-1, keepdims=True))
+  np.testing.assert_allclose(w, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      mac_optax.attention.key_weights(jnp.asarray(p, jnp.float32), m),
+      expected, rtol=1e-5, atol=1e-6)
