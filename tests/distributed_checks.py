@@ -281,6 +281,77 @@ def check_no_kernel_all_gather():
 
 
 # --------------------------------------------------------------------------
+# An einsum kernel whose batched axis is not leading, sharded on that axis.
+
+
+class EinsumNet(nn.Module):
+  """Per-head einsum (kernel (hd, heads, k): roles 'ibo') → pooled Dense."""
+
+  @nn.compact
+  def __call__(self, x):   # [batch, tokens, heads 4, hd 3]
+    y = nn.Einsum((3, 4, 6), 'btnh,hnk->btnk', name='heads')(x)
+    return nn.Dense(3, name='head')(nn.relu(y).mean((1, 2)))
+
+
+EINSUM_SPECS = {'heads': {'kernel': P(None, 'model', None),
+                          'bias': P('model', None)},
+                'head': {'kernel': P(), 'bias': P()}}
+
+
+def _einsum_step_hlo():
+  """The compiled MAC step of EinsumNet on the (data, model) mesh."""
+  model = EinsumNet()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(GLOBAL_BATCH, 5, 4, 3)).astype(np.float32)
+  y = (np.arange(GLOBAL_BATCH) % 3).astype(np.int32)
+  params = _params(x, model)
+  plan = mac_linen.plan(model, {'params': params}, x[:1])
+  assert plan['heads'].layout.roles() == 'ibo', plan
+  tx = mac_optax.mac_sgd(0.1, momentum=0.9, damping=0.5, stat_decay=0.9,
+                         plan=plan)
+  mesh = _mesh()
+  shardings = jax.tree_util.tree_map(
+      lambda s: NamedSharding(mesh, s), EINSUM_SPECS,
+      is_leaf=lambda s: isinstance(s, P))
+  params = jax.device_put(params, shardings)
+  batch = NamedSharding(mesh, P('data'))
+  x, y = jax.device_put(x, batch), jax.device_put(y, batch)
+  state = jax.jit(tx.init)(params)
+  step = jax.jit(train_step(tx, model=model))
+  compiled = step.lower(params, state, x, y).compile()
+  new_params, _ = compiled(params, state, x, y)
+  kernel = new_params['heads']['kernel']
+  assert kernel.sharding.is_equivalent_to(
+      shardings['heads']['kernel'], kernel.ndim), kernel.sharding
+  return compiled.as_text(), plan['heads'].layout
+
+
+def check_einsum_batched_axis_sharded_no_kernel_all_gather():
+  """Batched axis in the middle, sharded there: no kernel is gathered."""
+  hlo, layout = _einsum_step_hlo()
+  gathered = all_gathered_shapes(hlo)
+  stat_size = int(np.prod(layout.stat_shape))   # [heads 4, d_in 3]
+  for shape in gathered:
+    assert shape != layout.shape, f'kernel all-gather {shape}'
+    assert int(np.prod(shape)) <= stat_size, (
+        f'all-gather of {shape} is larger than the statistic '
+        f'{layout.stat_shape}')
+  return (f'all-gathers in the compiled einsum step: {gathered or "none"} '
+          f'(kernel {layout.shape} sharded on its batched axis 1)')
+
+
+def check_einsum_detector_sees_a_kernel_all_gather():
+  """Control: merging the sharded batched axis into the rows gathers it."""
+  kernel = jax.device_put(
+      jnp.ones((3, 4, 6)),
+      NamedSharding(_mesh(), EINSUM_SPECS['heads']['kernel']))
+  hlo = jax.jit(lambda k: k.reshape(-1, 6) * 2).lower(
+      kernel).compile().as_text()
+  assert (3, 4, 6) in all_gathered_shapes(hlo), all_gathered_shapes(hlo)
+  return f'flattened einsum kernel: all-gathers {all_gathered_shapes(hlo)}'
+
+
+# --------------------------------------------------------------------------
 # shard_map: the step written per device, MAC told the axis to average over.
 
 

@@ -22,6 +22,8 @@ CHECKS = [
     'mesh_shardings',
     'no_kernel_all_gather',
     'detector_sees_a_kernel_all_gather',
+    'einsum_batched_axis_sharded_no_kernel_all_gather',
+    'einsum_detector_sees_a_kernel_all_gather',
     'shard_map_matches_jit',
     'fsdp_matches_single_device',
     'fsdp_mac_adds_only_vector_collectives',
