@@ -267,3 +267,44 @@ def test_key_weights_from_attention_with_a_query_mask():
   np.testing.assert_allclose(
       mac_optax.attention.key_weights(jnp.asarray(p, jnp.float32), m),
       expected, rtol=1e-5, atol=1e-6)
+
+
+class _ScanBody(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.tanh(nn.Dense(D, name='dense')(x)), None
+
+
+class _Stack(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_ScanBody, variable_axes={'params': 0, 'intermediates': 0},
+                   split_rngs={'params': True}, length=2)
+    return scan(name='blocks')(x, None)[0]
+
+
+def test_mask_inside_nn_scan_is_the_masked_mean_per_layer():
+  _, mask = _batch()
+  x = jax.random.normal(jax.random.key(3), (B, T, D))
+  model = _Stack()
+  variables = model.init(jax.random.key(0), x)
+
+  @jax.jit
+  def stats(variables, x, mask):
+    with mac_optax.linen.capture(token_mask=mask):
+      _, v = model.apply(variables, x, mutable=['intermediates'])
+    return v['intermediates']['blocks']['dense'][mac_optax.MEAN][0]
+
+  got = stats(variables, x, mask)                        # [2 layers, 1, D]
+  m = np.asarray(mask, np.float64)[..., None]
+  xd = np.asarray(x, np.float64)
+  kernel = np.asarray(variables['params']['blocks']['dense']['kernel'],
+                      np.float64)
+  bias = np.asarray(variables['params']['blocks']['dense']['bias'],
+                    np.float64)
+  inputs = [xd, np.tanh(xd @ kernel[0] + bias[0])]
+  for layer, h in enumerate(inputs):
+    np.testing.assert_allclose(got[layer, 0], (h * m).sum((0, 1)) / m.sum(),
+                               rtol=1e-5, atol=1e-6)
