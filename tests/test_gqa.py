@@ -246,8 +246,9 @@ def test_normalize_qk_linen_and_nnx_value_mean_matches_explicit_probs():
   with mac_optax.nnx.capture():
     _, inter = nnx.capture(net, nnx.Intermediate)(x)
   (value,) = inter['attn']['value'][mac_optax.MEAN]
-  pure = jax.tree_util.tree_map(
-      np.asarray, nnx.state(net, nnx.Param).to_pure_dict())
+  params = nnx.state(net, nnx.Param)
+  to_pure = getattr(nnx, 'to_pure_dict', lambda s: s.to_pure_dict())
+  pure = jax.tree_util.tree_map(np.asarray, to_pure(params))
   expected, _ = _normalized_mixed_mean(x, pure['attn'])
   np.testing.assert_allclose(value[0], expected, rtol=1e-5, atol=1e-6)
   assert mac_optax.nnx.plan(net, x)['attn/value'].kind == 'attention_value'
