@@ -89,7 +89,7 @@ print(f"device: {d.platform} {d.device_kind} x{jax.device_count()}; "
 JAX_DEFAULT_MATMUL_PRECISION=highest section tests "$LIMIT_TESTS" \
   "$PY" -m pytest -q -m 'not slow' -p no:cacheprovider "${TESTS[@]}"
 
-section speed "$LIMIT_SPEED" "$PY" - $SIZE --out "$OUT/speed.json" <<'EOF'
+TQDM_DISABLE=1 section speed "$LIMIT_SPEED" "$PY" - $SIZE --out "$OUT/speed.json" <<'EOF'
 """Step-time ratios to SGD-momentum, float32 and bf16 (min of repeats)."""
 import argparse
 import json
