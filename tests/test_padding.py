@@ -308,3 +308,42 @@ def test_mask_inside_nn_scan_is_the_masked_mean_per_layer():
   for layer, h in enumerate(inputs):
     np.testing.assert_allclose(got[layer, 0], (h * m).sum((0, 1)) / m.sum(),
                                rtol=1e-5, atol=1e-6)
+
+
+class _Fused(nn.Module):
+  use_weights: bool
+
+  @nn.compact
+  def __call__(self, x, mask):
+    b, n, d = x.shape
+    c_attn = nn.Dense(3 * d, name='c_attn')
+    q, k, v = (t.reshape(b, n, 2, -1) for t in jnp.split(c_attn(x), 3, -1))
+    allowed = mask[:, None, None, :] & jnp.tril(jnp.ones((n, n), bool))
+    s = jnp.einsum('bihd,bjhd->bhij', q, k) / np.sqrt(q.shape[-1])
+    p = jax.nn.softmax(jnp.where(allowed, s, -1e9))
+    if self.use_weights:
+      w = mac_optax.attention.key_weights_from_attention(
+          jax.nn.dot_product_attention, q, k, query_mask=mask,
+          mask=allowed)
+      mac_optax.linen.sow_attention(c_attn, x, weights=w)
+    else:
+      mac_optax.linen.sow_attention(c_attn, x, probs=p)
+    return jnp.einsum('bhij,bjhd->bihd', p, v).reshape(b, n, d)
+
+
+def test_sow_attention_weights_under_a_mask_equal_probs():
+  _, mask = _batch()
+  x = jax.random.normal(jax.random.key(4), (B, T, D))
+  stats = []
+  for use_weights in (False, True):
+    model = _Fused(use_weights)
+    variables = model.init(jax.random.key(0), x, mask)
+    with mac_optax.linen.capture(token_mask=mask):
+      _, v = model.apply(variables, x, mask, mutable=['intermediates'])
+    stats.append(v['intermediates']['c_attn'][mac_optax.ATTENTION_MEAN][0])
+  np.testing.assert_allclose(stats[1], stats[0], rtol=1e-5, atol=1e-6)
+  # The q/k rows are the real-token mean of x.
+  m = np.asarray(mask, np.float64)[..., None]
+  np.testing.assert_allclose(
+      stats[0][0], (np.asarray(x, np.float64) * m).sum((0, 1)) / m.sum(),
+      rtol=1e-5, atol=1e-6)
