@@ -17,7 +17,7 @@ Data, optimizers and the training loop are those of ``char_gpt.py``
 (character-level pydoc topics; MAC as ``mac_sgd``, ``SGD`` the same chain
 without the preconditioner, AdamW).
 
-Usage: ``python examples/gemma_decoder.py [--steps 600] [--seeds 0,1,2]``.
+Usage: ``python examples/gemma_decoder.py [--steps 600] [--seeds 0,1,2] [--sweep]``.
 """
 
 from __future__ import annotations
@@ -153,6 +153,9 @@ def parse_args(argv=None):
   parser.add_argument('--mac-lr', type=float, default=1.0)
   parser.add_argument('--sgd-lr', type=float, default=0.3)
   parser.add_argument('--adam-lr', type=float, default=1e-2)
+  parser.add_argument('--sweep', action='store_true',
+                      help="first choose each lr from lr × {1/3, 1, 3} on a "
+                      "held-out part of the training text (char_gpt's sweep)")
   parser.add_argument('--eval-every', type=int, default=50)
   parser.add_argument('--val-windows', type=int, default=256)
   parser.add_argument('--only', default=None,
@@ -182,6 +185,10 @@ def main(argv=None):
   # RMSNorm gains are the only parameters MAC leaves to plain SGD.
   assert plan.fraction >= 0.95, plan.fraction
 
+  if args.sweep:
+    args.seed = seeds[0]
+    lrs.update(char_gpt.sweep(names, lrs, model, data, args,
+                              progress=not args.no_progress))
   rows = []
   for seed in seeds:
     args.seed = seed
