@@ -330,3 +330,104 @@ def test_einsum_inside_nn_scan_gets_stack_axes():
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(updates['layer']['e']['bias'][s], ref_b,
                                rtol=1e-4, atol=1e-5)
+
+
+# nnx.scan over layers created with nnx.vmap: a per-head batched einsum
+# (heads not leading, bias), a multi-axis contraction (no bias) and a
+# projection back (bias), so that each stacked layer has its own input.
+_NNX_SCAN_LAYERS = (
+    ('e', 'btnh,hnk->btnk', (4, 2, 4), (2, 4), 'ibo'),
+    ('f', 'btnh,nhd->btd', (2, 4, 5), None, 'iio'),
+    ('g', 'btd,dnh->btnh', (5, 2, 4), (2, 4), 'ioo'),
+)
+
+
+class _NnxScanBody(nnx.Module):
+
+  def __init__(self, rngs):
+    for name, equation, shape, bias_shape, _ in _NNX_SCAN_LAYERS:
+      setattr(self, name, nnx.Einsum(equation, shape, bias_shape,
+                                     bias_init=nnx.initializers.normal(1.0),
+                                     rngs=rngs))
+
+  def __call__(self, x):
+    return x + self.g(self.f(self.e(x)))
+
+
+class _NnxScanned(nnx.Module):
+
+  def __init__(self, rngs, depth):
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _NnxScanBody(rngs)
+
+    self.layer = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+
+    return body(x, self.layer)
+
+
+def _unstacked_layout(equation, shape, bias_shape, roles):
+  """One stacked layer's layout, from its roles (bias in output order)."""
+  axes = lambda r: tuple(a for a, c in enumerate(roles) if c == r)
+  kernel, out = equation.split(',')[1].split('->')
+  bias_axes = tuple(kernel.index(c) for c in out if c in kernel)
+  return KernelLayout(shape, (), axes('i'), axes('b'), axes('o'), 1,
+                      bias_shape, bias_axes if bias_shape else None)
+
+
+def test_einsum_inside_nnx_scan_matches_each_stacked_layer():
+  depth, damping = 3, 0.5
+  x = jax.random.normal(jax.random.key(0), (2, 3, 2, 4))
+  net = _NnxScanned(nnx.Rngs(0), depth)
+  plan = mac_optax.nnx.plan(net, x)
+  assert plan.fraction == 1.0
+  for name, _, shape, bias_shape, roles in _NNX_SCAN_LAYERS:
+    layout = plan[f'layer/{name}'].layout
+    assert layout.roles() == 's' + roles
+    assert layout.shape == (depth,) + shape
+  with mac_optax.nnx.capture():
+    _, inter = nnx.jit(
+        lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(net, x)
+  inter = nnx.to_pure_dict(inter)
+  params = nnx.to_pure_dict(nnx.state(net, nnx.Param))
+  rng = np.random.default_rng(1)
+  grads = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  tx = mac_optax.mac(damping, 0.0, plan=plan)
+  updates, _ = jax.jit(lambda g, i: tx.update(
+      g, tx.init(g), intermediates=i))(grads, inter)
+
+  # Unrolled float64 forward: layer s of each einsum sees the output of
+  # layer s - 1 of the block, computed here without the library.
+  h = np.asarray(x, np.float64)
+  for s in range(depth):
+    block_in = h
+    for name, equation, shape, bias_shape, roles in _NNX_SCAN_LAYERS:
+      p = {k: np.asarray(v[s], np.float64)
+           for k, v in params['layer'][name].items()}
+      expected = _reference_mean(equation, h, shape, roles)
+      (stat,) = inter['layer'][name][mac_optax._src.statistics.EINSUM_MEAN]
+      np.testing.assert_allclose(stat[s], expected.reshape(stat[s].shape),
+                                 rtol=1e-4, atol=1e-5)
+      unstacked = _unstacked_layout(equation, shape, bias_shape, roles)
+      g = grads['layer'][name]
+      ref, ref_b = _reference_update(
+          unstacked, np.asarray(g['kernel'][s], np.float64),
+          None if bias_shape is None else np.asarray(g['bias'][s],
+                                                     np.float64),
+          np.asarray(stat[s], np.float64), damping)
+      u = updates['layer'][name]
+      np.testing.assert_allclose(u['kernel'][s], ref, rtol=1e-4, atol=1e-5)
+      if bias_shape is not None:
+        np.testing.assert_allclose(u['bias'][s], ref_b, rtol=1e-4,
+                                   atol=1e-5)
+      h = np.einsum(equation, h, p['kernel'])
+      if bias_shape is not None:
+        h = h + p['bias']
+    h = block_in + h
