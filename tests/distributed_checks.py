@@ -561,29 +561,10 @@ def extra_collectives(hlo, baseline_hlo):
   return sorted((k, s) for k, s in extra.elements())
 
 
-FSDP_IMAGE = 5 * 5   # every conv of FSDP_NET sees 5×5 images (SAME padding)
-
-
 def _vector_bound(params) -> int:
   """The largest ``d_in + d_out`` of any layer (``d_in`` flattened)."""
   return max(int(np.prod(p['kernel'].shape[:-1])) + p['kernel'].shape[-1]
              for p in params.values())
-
-
-def _statistic_bound(params) -> int:
-  """The largest statistic any layer reduces over the batch, plus ``d_out``.
-
-  A dense layer's is ``ā`` (``d_in``). A conv's is the batch-summed input
-  image (``H·W·c_in``, ``mac_optax/_src/mean_inputs.py``), which is reduced
-  across devices before it is cut into the patch mean (``kh·kw·c_in``):
-  independent of the batch, but not ``O(d_in)``.
-  """
-  bounds = []
-  for p in params.values():
-    kernel = p['kernel'].shape
-    d_in = FSDP_IMAGE * kernel[-2] if len(kernel) == 4 else kernel[0]
-    bounds.append(d_in + kernel[-1])
-  return max(bounds)
 
 
 def _kernel_views(params) -> set[tuple[int, ...]]:
@@ -598,15 +579,14 @@ def _kernel_views(params) -> set[tuple[int, ...]]:
 def violations(extra, params):
   """The collectives that FSDP MAC must not add to SGD-momentum's step.
 
-  Reductions up to a statistic's size; anything else (all-gathers of a split
-  bias, ...) up to a layer's ``d_in + d_out``; nothing shaped like a kernel.
+  Reductions of statistics (a conv's patch mean is reduced as its
+  ``kh·kw·c_in`` floats, not as an image) and all-gathers of a split bias:
+  up to a layer's ``d_in + d_out``; nothing shaped like a kernel.
   """
   kernels = _kernel_views(params)
   def allowed(kind, shape):
-    bound = (_statistic_bound(params)
-             if kind in ('all-reduce', 'reduce-scatter')
-             else _vector_bound(params))
-    return shape not in kernels and int(np.prod(shape)) <= bound
+    del kind
+    return shape not in kernels and int(np.prod(shape)) <= _vector_bound(params)
   return [(k, s) for k, s in extra if not allowed(k, s)]
 
 
@@ -643,8 +623,7 @@ def check_fsdp_mac_adds_only_vector_collectives():
       f'all extra: {extra}')
   counts = {name: dict(collections.Counter(k for k, _ in collectives(r[3])))
             for name, r in runs.items()}
-  return (f'collectives by kind {counts}; MAC adds to SGD {extra} (bounds: '
-          f'reductions {_statistic_bound(params)}, others '
+  return (f'collectives by kind {counts}; MAC adds to SGD {extra} (bound: '
           f'{_vector_bound(params)} elements; kernels '
           f'{sorted(_kernel_views(params))})')
 

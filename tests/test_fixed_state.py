@@ -5,6 +5,8 @@ restores into a template needs ``update`` to return exactly ``init``'s
 structure; a trace counter checks one compilation per jitted step.
 """
 
+import functools
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -141,3 +143,18 @@ def test_nnx_optimizer_holds_the_complete_state_from_the_start(mlp):
   mac_state = mac_optax.diagnostics.find_mac_state(
       jax.tree.map(lambda v: v, optimizer.opt_state))
   assert set(mac_state.layers) == {'hidden', 'out'}
+
+
+def test_a_donating_step_accepts_the_init_state(mlp):
+  params, xs, ys, plan = mlp
+  tx = mac_optax.mac_sgd(0.1, momentum=0.9, plan=plan, inv_every=2)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, x, y):
+    grads, inter = small_mlp.grads_and_statistics(params, x, y)
+    updates, state = tx.update(grads, state, params, intermediates=inter)
+    return optax.apply_updates(params, updates), state
+
+  params = jax.tree.map(jnp.copy, params)
+  params, state = step(params, tx.init(params), xs[0], ys[0])
+  assert int(mac_optax.diagnostics.find_mac_state(state).step) == 1

@@ -6,10 +6,11 @@ Every statistic returned here has the layout the transform expects:
 in the row-major order of the kernel's input axes, in float32.
 
 The mean convolution patch is never computed from materialized im2col
-patches. The patch is linear in the input, so the batch is summed first and
-each spatial axis contributes a small 0/1 matrix ``M[k, p]`` that says whether
-input position ``p`` is seen by kernel tap ``k`` for some output position;
-``mean_patch[k_1..k_n, c] = Σ_p Π_d M_d[k_d, p_d] · Σ_b x[b, p, c] / (B · #outputs)``.
+patches. The patch is linear in the input: each spatial axis contributes a
+small matrix ``M[k, p]``, the number of output positions at which kernel tap
+``k`` reads input position ``p``, contracted one axis at a time before the
+batch is summed (so a batch sharded over devices is reduced as ``d_in``
+floats); ``mean_patch[k_1..k_n, c] = Σ_b Σ_p Π_d M_d[k_d, p_d] x[b, p, c] / (B · #outputs)``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from mac_optax._src import token_mask
 from mac_optax._src.conv_geometry import ConvGeometry
 
 STAT_DTYPE = jnp.float32
+_LETTERS = 'defhijmn'        # spatial axes (no b, c, z)
+_TAP_LETTERS = 'pqrstuvw'    # their kernel taps
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -162,19 +165,26 @@ def conv_mean_patch(
   # channel-sharded input (tensor parallelism) all-gather.
   images = x.reshape(-1, *spatial, channels)
   batch = images.shape[0]
-  summed = sum_leading(images)
   outputs = conv_output_count(spatial, kernel_size, strides, padding,
                               input_dilation, kernel_dilation)
-  # Contract one spatial axis at a time; each step turns the leading
-  # position axis into a trailing tap axis, so after n steps the layout is
-  # (channels, k_1, ..., k_n).
-  patch = summed
+  # The spatial axes are contracted with the tap matrices before the batch
+  # is summed: with the batch sharded over devices, the cross-device sum is
+  # then over [*kernel_size, C] (d_in floats), not over a whole [*spatial, C]
+  # image. Each step turns the next position axis into a leading tap axis.
+  taps_seen, spatial_left = '', _LETTERS[:n]
+  patch = images
   for d in range(n):
     taps = _tap_matrix(spatial[d], kernel_size[d], strides[d], padding[d],
                        input_dilation[d], kernel_dilation[d])
-    patch = jnp.tensordot(patch, jnp.asarray(taps, patch.dtype),
-                          axes=[[0], [1]], precision=_HIGHEST)
-  patch = jnp.moveaxis(patch, 0, -1) / max(batch * outputs, 1)
+    k, rest = _TAP_LETTERS[d], spatial_left[1:]
+    last = d == n - 1
+    out = (f'z{taps_seen}{k}c' if last else f'{taps_seen}{k}z{rest}c')
+    patch = jnp.einsum(f'{taps_seen}z{spatial_left}c,{k}{spatial_left[0]}->'
+                       f'{out}', patch, jnp.asarray(taps, patch.dtype),
+                       precision=_HIGHEST,
+                       preferred_element_type=stat_dtype(x.dtype))
+    taps_seen, spatial_left = taps_seen + k, rest
+  patch = sum_leading(patch) / max(batch * outputs, 1)   # [*kernel_size, C]
   groups = feature_group_count
   patch = patch.reshape(*kernel_size, groups, channels // groups)
   patch = jnp.moveaxis(patch, n, 0)

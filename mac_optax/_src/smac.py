@@ -98,8 +98,9 @@ def _probe_leaves(grad_sq: Any) -> dict[str, jax.Array]:
 
 
 def _empty(shape) -> SmacLayerState:
-  zeros = jnp.zeros(shape, jnp.float32)
-  return SmacLayerState(zeros, jnp.zeros([], jnp.int32), zeros)
+  # Distinct buffers: a jitted step may donate the state.
+  return SmacLayerState(jnp.zeros(shape, jnp.float32), jnp.zeros([], jnp.int32),
+                        jnp.zeros(shape, jnp.float32))
 
 
 def scale_by_grad_sq(

@@ -49,9 +49,10 @@ class MacState(NamedTuple):
 
 
 def _empty_layer_state(shape, dtype) -> LayerState:
-  zeros = jnp.zeros(shape, dtype)
-  return LayerState(mean=zeros, count=jnp.zeros(shape[:-2], jnp.int32),
-                    used=zeros)
+  # Distinct buffers: a jitted step may donate the state.
+  return LayerState(mean=jnp.zeros(shape, dtype),
+                    count=jnp.zeros(shape[:-2], jnp.int32),
+                    used=jnp.zeros(shape, dtype))
 
 
 def _as_layer_state(key: str, value: Any) -> LayerState:
