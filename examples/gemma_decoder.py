@@ -17,7 +17,9 @@ Data, optimizers and the training loop are those of ``char_gpt.py``
 (character-level pydoc topics; MAC as ``mac_sgd``, ``SGD`` the same chain
 without the preconditioner, AdamW).
 
-Usage: ``python examples/gemma_decoder.py [--steps 600] [--seeds 0,1,2] [--sweep]``.
+Usage: ``python examples/gemma_decoder.py [--steps 600] [--seeds 0,1,2]
+[--sweep] [--out DIR]``; the loss curves (mean over seeds, the band spanning
+the seeds) go to ``DIR/gemma_decoder_loss.png``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -161,7 +166,43 @@ def parse_args(argv=None):
   parser.add_argument('--only', default=None,
                       help='comma-separated subset of MAC,SGD,AdamW')
   parser.add_argument('--no-progress', action='store_true')
+  parser.add_argument('--out', default=os.path.join(
+      os.path.dirname(os.path.abspath(__file__)), 'out'))
   return parser.parse_args(argv)
+
+
+def plot(curves, steps, path):
+  """Train (10-step mean) and validation loss, mean over seeds and band.
+
+  Args:
+    curves: optimizer name -> list over seeds of ``(train curve, val curve)``.
+    steps: the number of training steps (x axis).
+    path: where the PNG goes.
+  """
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for name, runs in curves.items():
+    window = min(10, steps)
+    train = np.stack([np.convolve(c, np.ones(window) / window, mode='valid')
+                      for c, _ in runs])
+    x = np.arange(window, steps + 1)
+    line, = axes[0].plot(x, train.mean(0), label=name)
+    axes[0].fill_between(x, train.min(0), train.max(0), alpha=0.25,
+                         color=line.get_color())
+    at = [t for t, _ in runs[0][1]]
+    val = np.array([[v for _, v in vc] for _, vc in runs])
+    axes[1].errorbar(at, val.mean(0), yerr=[val.mean(0) - val.min(0),
+                                            val.max(0) - val.mean(0)],
+                     marker='o', capsize=3, label=name)
+  seeds = len(next(iter(curves.values())))
+  axes[0].set(title=f'train loss (10-step mean; {seeds} seeds, min–max)',
+              xlabel='step')
+  axes[1].set(title='validation loss (mean, min–max over seeds)',
+              xlabel='step')
+  for ax in axes:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -189,12 +230,13 @@ def main(argv=None):
     args.seed = seeds[0]
     lrs.update(char_gpt.sweep(names, lrs, model, data, args,
                               progress=not args.no_progress))
-  rows = []
+  rows, curves = [], {name: [] for name in names}
   for seed in seeds:
     args.seed = seed
     for name in names:
       _, curve, val_curve, seconds = char_gpt.train(
           name, lrs[name], model, data, args, progress=not args.no_progress)
+      curves[name].append((curve, val_curve))
       rows.append({'optimizer': name, 'seed': seed, 'lr': lrs[name],
                    'train_loss': float(np.mean(curve[-20:])),
                    'val_loss': val_curve[-1][1], 'seconds': seconds})
@@ -205,10 +247,19 @@ def main(argv=None):
           f"{r['train_loss']:>11.3f}{r['val_loss']:>10.3f}"
           f"{r['seconds']:>8.1f}")
   if len(seeds) > 1:
-    print('\nmean ± std of the validation loss over seeds:')
+    # One row per optimizer: the final validation loss over seeds (std, not
+    # the standard error: with two seeds it is half their difference).
+    print(f"\n{'optimizer':<10}{'lr':>8}{'val loss (mean ± std)':>24}"
+          '  per seed')
     for name in names:
       vals = [r['val_loss'] for r in rows if r['optimizer'] == name]
-      print(f'{name:<10}{np.mean(vals):.3f} ± {np.std(vals):.3f}')
+      print(f'{name:<10}{lrs[name]:>8.3g}'
+            f'{f"{np.mean(vals):.3f} ± {np.std(vals):.3f}":>24}  '
+            + ' '.join(f'{v:.3f}' for v in vals))
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, 'gemma_decoder_loss.png')
+  plot(curves, args.steps, path)
+  print(f'\nloss curves: {path}')
   return rows
 
 

@@ -109,7 +109,8 @@ def test_quoted_example_reproduces(command, tmp_path):
   argv = shlex.split(command)
   assert argv[0] == 'python3'
   if '--out' not in argv and argv[1].endswith(('vit_digits.py',
-                                                'char_gpt.py')):
+                                                'char_gpt.py',
+                                                'gemma_decoder.py')):
     argv += ['--out', str(tmp_path)]   # the plots, not the printed numbers
   result = subprocess.run([sys.executable] + argv[1:], cwd=ROOT, text=True,
                           capture_output=True, check=False, timeout=1800)
