@@ -75,8 +75,50 @@ def _batch_mean(calls: Sequence[jax.Array], dtype, axis_name) -> jax.Array:
   return mean
 
 
-def mac(
-    damping: float | jax.Array = 1.0,
+def _plan_from_step(grads: Any, intermediates: Any) -> plan_lib.LayerPlan:
+  """Without a plan (the quick start): the layers of this step's statistics.
+
+  Raises:
+    ValueError: no statistic at all, or none pairs with a gradient leaf
+      (statistics at the wrong path and layers all masked out look the same
+      without a plan: refuse rather than silently skip MAC).
+  """
+  found = statistics.sown_statistics(intermediates)
+  if not found:
+    raise ValueError(plan_lib.NO_STATISTICS)
+  known = plan_lib.from_statistics(grads, intermediates,
+                                   skip_missing_params=True)
+  if not known.layers:
+    looked = ', '.join(f"'{statistics.join(p + (statistics.PARAM[n],))}'"
+                       for p, n in sorted(found)[:5])
+    raise ValueError(
+        f'mac: none of the {len(found)} captured statistics has a parameter '
+        f'in the gradients (looked for {looked}). Statistics must be sown at '
+        'the path of the module that owns the parameter, and come from the '
+        'same model as the gradients. If every such layer is masked out '
+        '(optax.masked), pass plan= so MAC can tell.')
+  return known
+
+
+def _step_layer(layer_state: LayerState, calls, fold, refresh, stat_decay,
+                dtype, axis_name) -> LayerState:
+  """Folds this step's mean input (if the layer was called) into the EMA.
+
+  ``used`` becomes the bias-corrected ``â`` on refresh steps and keeps its
+  value otherwise.
+  """
+  if calls is None:   # an optional layer not called on this step
+    batch_mean, fold = jnp.zeros_like(layer_state.mean), False
+  else:
+    batch_mean = _batch_mean(calls, dtype, axis_name)
+  folded = ema.fold(ema.Ema(layer_state.mean, layer_state.count), batch_mean,
+                    stat_decay, fold)
+  used = jnp.where(refresh, ema.debiased(folded, stat_decay),
+                   layer_state.used)
+  return LayerState(folded.mean, folded.count, used)
+
+
+def mac(    damping: float | jax.Array = 1.0,
     stat_decay: float | jax.Array = 0.95,
     *,
     plan: Optional[plan_lib.LayerPlan] = None,
@@ -197,25 +239,7 @@ def mac(
     del params, extra
     if intermediates is None:
       raise ValueError(_MISSING_INTERMEDIATES)
-    known = plan_for(updates)
-    if known is None:   # quick start: the layers are in these statistics
-      known = plan_lib.from_statistics(updates, intermediates,
-                                       skip_missing_params=True)
-      found = statistics.sown_statistics(intermediates)
-      if not found:
-        raise ValueError(plan_lib.NO_STATISTICS)
-      if not known.layers:
-        # Without a plan, statistics at the wrong path and layers all masked
-        # out look the same: refuse rather than silently skip MAC.
-        looked = ', '.join(
-            f"'{statistics.join(p + (statistics.PARAM[n],))}'"
-            for p, n in sorted(found)[:5])
-        raise ValueError(
-            f'mac: none of the {len(found)} captured statistics has a '
-            f'parameter in the gradients (looked for {looked}). Statistics '
-            'must be sown at the path of the module that owns the parameter, '
-            'and come from the same model as the gradients. If every such '
-            'layer is masked out (optax.masked), pass plan= so MAC can tell.')
+    known = plan_for(updates) or _plan_from_step(updates, intermediates)
     pairings = plan_lib.pair(known, updates, intermediates, optional_layers)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     fold = state.step % cov_every == 0
@@ -225,25 +249,19 @@ def mac(
       key = p.layer.key
       if p.layer.path in exact:
         continue
-      shape = p.layer.layout.stat_shape
       if key in state.layers or plan is not None or (
           intermediates_like is not None):
         layer_state = _as_layer_state(key, state.layers.get(key))
-      else:
-        layer_state = _empty_layer_state(shape, stat_dtype)
-      if p.calls is None:
-        batch_mean, take = jnp.zeros(shape, stat_dtype), False
-      else:
-        batch_mean, take = _batch_mean(p.calls, stat_dtype, axis_name), fold
-      folded = ema.fold(ema.Ema(layer_state.mean, layer_state.count),
-                        batch_mean, stat_decay, take)
-      used = jnp.where(refresh, ema.debiased(folded, stat_decay),
-                       layer_state.used)
-      new_layers[key] = LayerState(folded.mean, folded.count, used)
+      else:   # the quick start's first step
+        layer_state = _empty_layer_state(p.layer.layout.stat_shape,
+                                         stat_dtype)
+      layer_state = _step_layer(layer_state, p.calls, fold, refresh,
+                                stat_decay, stat_dtype, axis_name)
+      new_layers[key] = layer_state
       kernel, bias = rank_one.precondition(
           p.layer.layout, leaves[p.kernel_index],
           None if p.bias_index is None else leaves[p.bias_index],
-          used, damping, exact_inverse=exact_inverse)
+          layer_state.used, damping, exact_inverse=exact_inverse)
       leaves[p.kernel_index] = kernel
       if bias is not None:
         leaves[p.bias_index] = bias
