@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 
+from benchmarks import peers
 from benchmarks import steps
 
-OPTS = steps.OPTIMIZERS
-LABEL = steps.LABELS
+OPTS = peers.CONVERGE   # steps.OPTIMIZERS, then Muon and the compositions
+LABEL = {**steps.LABELS, **peers.LABELS}
 COLORS = {'sgd': 'tab:blue', 'adamw': 'tab:orange', 'mac': 'tab:green',
-          'kfac': 'tab:red'}
+          'kfac': 'tab:red', 'muon': 'tab:purple', 'muon-default': 'tab:pink',
+          'mac-adam': 'tab:olive', 'mac-muon': 'tab:cyan'}
+
+
+def _present(models, opts=OPTS):
+  """The optimizers of `opts` that have an entry in some model's `opt`."""
+  return tuple(o for o in opts if any(o in e['opt'] for e in models))
 
 
 def _ms(x):
@@ -34,6 +42,7 @@ def _speed(out, lines, summary):
   sp = out.get('speed')
   if not sp:
     return
+  opts = _present(sp['models'].values())
   lines += ['## 1. Step time (whole jitted train step)', '',
             f'Forward (with `capture()` for MAC), backward, optimizer update '
             f'and parameter update in one `jax.jit` (state donated). Each '
@@ -45,14 +54,14 @@ def _speed(out, lines, summary):
             f'inverses every {steps.KFAC_INVERSE_EVERY} steps (its default), '
             f'so its time is an amortized average.', '',
             '| model | params | ' + ' | '.join(
-                f'{LABEL[o]} ms (min / med)' for o in OPTS) + ' | ' +
-            ' | '.join(f'{LABEL[o]} / SGD (min / med)' for o in OPTS[1:]) +
-            ' |', '|' + '---|' * (2 + 2 * len(OPTS) - 1)]
+                f'{LABEL[o]} ms (min / med)' for o in opts) + ' | ' +
+            ' | '.join(f'{LABEL[o]} / SGD (min / med)' for o in opts[1:]) +
+            ' |', '|' + '---|' * (2 + 2 * len(opts) - 1)]
   shapes = []
   for m, e in sp['models'].items():
     cells, ratios = [], []
     base = e['opt'].get('sgd', {})
-    for o in OPTS:
+    for o in opts:
       r = e['opt'].get(o, {})
       if 'error' in r:
         cells.append('fails (see below)')
@@ -60,7 +69,7 @@ def _speed(out, lines, summary):
         cells.append(f'{_ms(r["min"])} / {_ms(r["median"])}')
       else:
         cells.append('–')
-    for o in OPTS[1:]:
+    for o in opts[1:]:
       r = e['opt'].get(o, {})
       if 'min' in r and 'min' in base:
         ratios.append(f'{r["min"] / base["min"]:.2f}× / '
@@ -80,7 +89,7 @@ def _speed(out, lines, summary):
            else ''))
   lines += ['', 'Shapes:', ''] + shapes + ['']
   errors = [(m, o, e['opt'][o]['error']) for m, e in sp['models'].items()
-            for o in OPTS if 'error' in e['opt'].get(o, {})]
+            for o in opts if 'error' in e['opt'].get(o, {})]
   if errors:
     lines += ['Optimizers that could not run (error text as raised):', '']
     lines += [f'- {LABEL[o]} on {m}: `{t}`' for m, o, t in errors]
@@ -98,7 +107,7 @@ def _speed(out, lines, summary):
   lines += ['Compile time (s, ahead-of-time `lower().compile()`): ' + '; '.join(
       f'{m}: ' + ', '.join(
           f'{LABEL[o]} {e["opt"][o]["compile_s"]:.1f}'
-          for o in OPTS if 'compile_s' in e['opt'].get(o, {}))
+          for o in opts if 'compile_s' in e['opt'].get(o, {}))
       for m, e in sp['models'].items()), '']
 
 
@@ -120,6 +129,8 @@ def _memory(out, lines, summary):
     base = e['opt'].get('sgd', {}).get('state_bytes')
     for o in OPTS:
       r = e['opt'].get(o, {})
+      if not r:
+        continue
       if 'error' in r:
         lines.append(f'| {m} | {LABEL[o]} | {_err(r)} | | | |')
         continue
@@ -247,17 +258,78 @@ def _capture(out, lines, summary):
   lines.append('')
 
 
-def _other_envs(outdir, lines, summary):
-  """Speed and capture ratios of `results_TAG.json` files (other envs)."""
+def _peers_speed_memory(other, lines, summary, tag):
+  """Muon's step time and memory next to MAC's (issue 15)."""
+  sp, mem = other.get('speed'), other.get('memory', {}).get('models', {})
+  opts = _present(sp['models'].values(), peers.SPEED)
+  opts = tuple(o for o in opts if o != 'kfac')
+  lines += ['Step time and optimizer state of every optimizer of this run, '
+            'the same method as §1/§2 (ratios to SGD-momentum, min / median '
+            'over the interleaved repeats; state = every array leaf of the '
+            'optimizer state). Muon: `optax.contrib.muon` as in §5b '
+            '(`benchmarks/peers.py`); "default dims" leaves conv and '
+            'multi-axis kernels to its Adam branch.', '',
+            '| model | ' + ' | '.join(f'{LABEL[o]} / SGD' for o in opts[1:])
+            + ' | MAC / Muon | ' + ' | '.join(
+                f'{LABEL[o]} state / SGD' for o in opts[1:]) + ' |',
+            '|' + '---|' * (2 * len(opts))]
+  for m, e in sp['models'].items():
+    b = e['opt'].get('sgd', {})
+    rat = lambda r, b=b: (f'{r["min"] / b["min"]:.2f}× / '
+                          f'{r["median"] / b["median"]:.2f}×'
+                          if 'min' in r and 'min' in b else '–')
+    mac, mu = e['opt'].get('mac', {}), e['opt'].get('muon', {})
+    mo = mem.get(m, {}).get('opt', {})
+    base = mo.get('sgd', {}).get('state_bytes')
+    state = [(f'{mo[o]["state_bytes"] / base:.2f}×'
+              if base and 'state_bytes' in mo.get(o, {}) else '–')
+             for o in opts[1:]]
+    lines.append(f'| {m} | ' + ' | '.join(rat(e['opt'].get(o, {}))
+                                          for o in opts[1:]) + ' | ' +
+                 (f'{mac["min"] / mu["min"]:.2f}×' if 'min' in mac and
+                  'min' in mu else '–') + ' | ' + ' | '.join(state) + ' |')
+    if 'min' in mu and 'min' in b:
+      summary.append(f'{tag} {m}: Muon {mu["min"] / b["min"]:.2f}× SGD, '
+                     f'MAC {mac["min"] / b["min"]:.2f}× SGD (min)')
+  errors = [(m, o, e['opt'][o]['error']) for m, e in sp['models'].items()
+            for o in opts if 'error' in e['opt'].get(o, {})]
+  lines += [''] + [f'- {LABEL[o]} on {m}: `{t}`' for m, o, t in errors]
+  lines.append('')
+
+
+def _other_envs(outdir, lines, summary, converged=None):
+  """Speed and capture ratios of `results_TAG.json` files (other envs).
+
+  Tag files with a convergence section are appended to `converged`, for
+  their §5b after §5.
+  """
   import glob  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
   for path in sorted(glob.glob(os.path.join(outdir, 'results_*.json'))):
     tag = os.path.basename(path)[len('results_'):-len('.json')]
     with open(path) as f:
       other = json.load(f)
+    if other.get('quick'):
+      continue
     runs = other.get('machine_runs', {})
     first = next(iter(runs.values()), {})
     v = first.get('versions', {})
+    if other.get('converge') is not None and converged is not None:
+      converged.append((tag, other))
+    if 'muon' in json.dumps(list(other.get('speed', {}).get('models', {})
+                                 .get('MLP', {}).get('opt', {}))):
+      lines += [f'## 4c. Step time and memory with Muon (`{tag}` run)', '',
+                'Run in: ' + ', '.join(
+                    f'{k} {val}' for k, val in v.items()
+                    if k in ('jax', 'jaxlib', 'flax', 'optax', 'kfac_jax'))
+                + '. ' + '; '.join(
+                    f'{n}: {r.get("date")}, load {r.get("load")} → '
+                    f'{r.get("load_end")}' for n, r in runs.items()
+                    if n == 'speed') + '.', '']
+      _peers_speed_memory(other, lines, summary, tag)
+      continue
+    if not other.get('speed') and not other.get('capture'):
+      continue
     lines += [f'## 4b. Step time and capture overhead under `{tag}`', '',
               'The same sections, same shapes and method, run in another '
               'environment: ' + ', '.join(f'{k} {val}' for k, val in v.items()
@@ -265,14 +337,15 @@ def _other_envs(outdir, lines, summary):
                                                   'optax', 'kfac_jax')) +
               '. ' + '; '.join(f'{n}: {r.get("date")}, load {r.get("load")} '
                                f'→ {r.get("load_end")}'
-                               for n, r in runs.items()) + '.', '']
+                               for n, r in runs.items()
+                               if n in ('speed', 'capture')) + '.', '']
     sp = other.get('speed')
     if sp:
       lines += ['| model | SGD-momentum ms (min / med) | AdamW / SGD (min / '
                 'med) | MAC / SGD (min / med) | MAC / AdamW (min) | '
                 'kfac-jax |', '|---|---|---|---|---|---|']
       for m, e in sp['models'].items():
-        b, a, c, k = (e['opt'].get(o, {}) for o in OPTS)
+        b, a, c, k = (e['opt'].get(o, {}) for o in steps.OPTIMIZERS)
         if 'min' not in b:
           continue
         rat = lambda r: (f'{r["min"] / b["min"]:.2f}× / '
@@ -318,11 +391,69 @@ def _pm(vals, fmt='{:.3f}'):
   return f'{fmt.format(vals.mean())} ± {fmt.format(vals.std())}'
 
 
-def _converge(out, lines, summary, outdir, plt, appendix):
+def lr_score(curves, metric):
+  """One learning rate's score (higher is better): mean final metric."""
+  return _score([_final(c, metric) for c in curves], metric)
+
+
+def _first_hit(curve, metric, target):
+  """(step, seconds) of the first evaluation reaching `target`, or None."""
+  values = curve['acc'] if metric == 'accuracy' else curve['loss']
+  for s, t, v in zip(curve['step'], curve['time'], values):
+    if math.isfinite(v) and ((v >= target) if metric == 'accuracy'
+                             else (v <= target)):
+      return s, t
+  return None
+
+
+def _to_target(t, best, lines):
+  """Time-to-target table: target = the worst optimizer's final value."""
+  metric = t['metric']
+  finals = {o: np.mean([_final(c, metric) for c in curves])
+            for o, (_, curves) in best.items() if curves}
+  finals = {o: v for o, v in finals.items() if math.isfinite(v)}
+  if not finals:
+    return None, {}
+  worst = (min if metric == 'accuracy' else max)(finals, key=finals.get)
+  target = float(finals[worst])
+  word = 'test accuracy ≥' if metric == 'accuracy' else 'validation loss ≤'
+  lines += [f'Time to target: the first evaluation (every '
+            f'{t.get("eval_every", "?")} steps) at which a run reaches '
+            f'{word} {target:.3f}, the final value of the worst optimizer '
+            f'here ({LABEL[worst]}, mean over seeds at its best lr); steps '
+            'and training seconds (train steps only) are mean ± std over '
+            'the seeds that reach it, at each optimizer\'s best lr.', '',
+            '| optimizer | seeds reaching | steps to target | s to target | '
+            'ms per step |', '|---|---|---|---|---|']
+  hits = {}
+  for o, (_, curves) in best.items():
+    got = [h for h in (_first_hit(c, metric, target) for c in curves) if h]
+    per_step = [c['time'][-1] / c['step'][-1] for c in curves if c['step']]
+    ms = f'{1e3 * np.mean(per_step):.1f}' if per_step else '–'
+    if got:
+      hits[o] = (float(np.mean([h[0] for h in got])),
+                 float(np.mean([h[1] for h in got])))
+      lines.append(f'| {LABEL[o]} | {len(got)}/{len(curves)} | '
+                   f'{_pm([h[0] for h in got], "{:.0f}")} | '
+                   f'{_pm([h[1] for h in got], "{:.2f}")} | {ms} |')
+    else:
+      lines.append(f'| {LABEL[o]} | 0/{len(curves)} | – | – | {ms} |')
+  lines.append('')
+  return target, hits
+
+
+def _converge(out, lines, summary, outdir, plt, appendix, *,
+              title='## 5. Convergence on real data', plot_prefix='converge_',
+              issue15=False):
+  """The convergence section; `issue15` adds grid extension, time to target.
+
+  Without `issue15` the text is what it was before issue 15 (a section that
+  was not rerun renders unchanged).
+  """
   cv = out.get('converge')
   if not cv:
     return
-  lines += ['## 5. Convergence on real data', '',
+  lines += [title, '',
             f'Every optimizer: the same model, data, batch, number of steps '
             f'and cosine learning-rate decay to 0; a learning-rate grid of '
             f'the same size and spacing for each (×⅓, ×1, ×3 around its usual '
@@ -337,6 +468,31 @@ def _converge(out, lines, summary, outdir, plt, appendix):
             f'AdamW weight decay {steps.ADAMW_WD}; MAC λ={steps.MAC_DAMPING}, '
             f'β={steps.MAC_STAT_DECAY}; kfac-jax damping {steps.KFAC_DAMPING},'
             f' inverses every {steps.KFAC_INVERSE_EVERY} steps.', '']
+  if issue15:
+    lines += [
+        'Issue 15 additions: Muon (`optax.contrib.muon`, '
+        f'`consistent_rms={peers.MUON_RMS}`, weight decay '
+        f'{steps.ADAMW_WD} on every parameter as AdamW; conv and multi-axis '
+        'kernels as matrices via `MuonDimensionNumbers`), Muon (default '
+        'dims: those kernels go to its Adam branch), MAC→Adam (`chain(mac(),'
+        ' scale_by_adam(), add_decayed_weights, …)`) and MAC→Muon '
+        '(`chain(mac(), muon(…))`); see `benchmarks/peers.py`. No '
+        'optimizer clips gradients. Grids start at 3 points (×3 apart) per '
+        'optimizer; while the best lr is an end point the grid grows by one '
+        '×3 step beyond it (at most twice), the same rule for every '
+        'optimizer; "lrs run" lists the grid each one ended with, and '
+        '**edge** marks a best lr still at an end after that.', '']
+    mr = out.get('machine_runs', {}).get('converge', {})
+    if mr:
+      lines += [
+          f'This run: {mr.get("date")}, {mr.get("seconds", 0) / 60:.0f} min '
+          f'wall for the whole section (compiles, grids, seeds, '
+          f'evaluations), `/proc/loadavg` {mr.get("load")} → '
+          f'{mr.get("load_end")} on {mr.get("nproc", "?")} cores; ' +
+          ', '.join(f'{k} {val}' for k, val in mr.get('versions', {}).items()
+                    if k in ('jax', 'jaxlib', 'flax', 'optax', 'kfac_jax')) +
+          '. Budgets were cut to fit that wall time on this shared CPU: the '
+          'steps, batch and examples of each task are stated under it.', '']
   grid_lines = ['| task | optimizer | lr | final metric (mean ± std) | '
                 'final test loss | reached target | train s |',
                 '|---|---|---|---|---|---|---|']
@@ -353,7 +509,9 @@ def _converge(out, lines, summary, outdir, plt, appendix):
               f'{"≥" if metric == "accuracy" else "≤"} {t["target"]}.', '',
               f'| optimizer | best lr | final {mname} | final test loss | '
               f'reached target | steps to target | s to target | train s '
-              f'(all steps) |', '|---|---|---|---|---|---|---|---|']
+              f'(all steps) |' + (' lrs run |' if issue15 else ''),
+              '|---|---|---|---|---|---|---|---|' + ('---|' if issue15
+                                                     else '')]
     best_curves = {}
     for o in OPTS:
       r = t['opt'].get(o)
@@ -389,17 +547,27 @@ def _converge(out, lines, summary, outdir, plt, appendix):
       best_curves[o] = (lr, [c for c in curves if 'error' not in c])
       steps_hit = (f'{np.mean([h[0] for h in hits]):.0f}' if hits else '–')
       time_hit = (f'{np.mean([h[1] for h in hits]):.2f}' if hits else '–')
+      grid_cell = ''
+      if issue15:
+        lrs = sorted(float(x) for x in r['runs'])
+        edge = len(lrs) > 1 and float(lr) in (lrs[0], lrs[-1])
+        grid_cell = (' ' + ', '.join(f'{x:g}' for x in lrs) +
+                     (' **edge**' if edge else '') + ' |')
       lines.append(f'| {LABEL[o]} | {lr} | {_pm(finals)} | {_pm(losses)} | '
                    f'{len(hits)}/{len(curves)} | {steps_hit} | {time_hit} | '
-                   f'{np.mean(secs) if secs else float("nan"):.1f} |')
+                   f'{np.mean(secs) if secs else float("nan"):.1f} |'
+                   + grid_cell)
       best_final = np.mean(finals)
       summary_key = f'{tname} {LABEL[o]}'
       summary.append(f'{summary_key}: {mname} {_pm(finals)} (lr {lr})'
-                     if o in ('mac', 'sgd', 'adamw', 'kfac') else '')
+                     if o in ('mac', 'sgd', 'adamw', 'kfac', 'muon') else '')
       del best_final
     lines.append('')
+    hits = {}
+    if issue15:
+      _, hits = _to_target(t, best_curves, lines)
     if plt and best_curves:
-      fname = f'converge_{tname.replace("-", "_").lower()}.png'
+      fname = f'{plot_prefix}{tname.replace("-", "_").lower()}.png'
       fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
       for o, (lr, curves) in best_curves.items():
         if not curves:
@@ -415,6 +583,11 @@ def _converge(out, lines, summary, outdir, plt, appendix):
           ax.plot(x, mean, color=COLORS[o], label=f'{LABEL[o]} (lr {lr})')
           ax.fill_between(x, mean - std, mean + std, color=COLORS[o],
                           alpha=0.2)
+        if o in hits:   # time to target: mean step / seconds, on the curve
+          for ax, x, at in ((axes[0], st, hits[o][0]),
+                            (axes[1], ts, hits[o][1])):
+            ax.plot([at], [np.interp(at, x, mean)], marker='*', ms=11,
+                    color=COLORS[o], markeredgecolor='black', ls='none')
       axes[0].set_xlabel('step')
       axes[1].set_xlabel('training wall-clock (s)')
       for ax in axes:
@@ -422,12 +595,15 @@ def _converge(out, lines, summary, outdir, plt, appendix):
         ax.set_yscale('log')
         ax.grid(alpha=0.3)
       axes[0].legend(fontsize=8)
-      fig.suptitle(f'{tname}: test loss, best lr, mean ± std over seeds')
+      fig.suptitle(f'{tname}: test loss, best lr, mean ± std over seeds' +
+                   ('; ★ = time to target' if hits else ''))
       fig.tight_layout()
       fig.savefig(os.path.join(outdir, fname), dpi=80)
       plt.close(fig)
       lines += [f'![{tname}]({fname})', '']
-  appendix += ['## Appendix: the whole learning-rate grid', ''] + grid_lines
+  appendix += [('## Appendix: the whole learning-rate grid' if not issue15
+                else f'## Appendix: the whole learning-rate grid of '
+                f'{title.lstrip("# ")}'), ''] + grid_lines
 
 
 def write(out: dict, outdir: str):
@@ -445,8 +621,15 @@ def write(out: dict, outdir: str):
   _scaling(out, lines, summaries['scaling'], outdir, plt)
   _capture(out, lines, summaries['capture'])
   summaries['other environments'] = []
-  _other_envs(outdir, lines, summaries['other environments'])
+  converged = []
+  _other_envs(outdir, lines, summaries['other environments'], converged)
   _converge(out, lines, summaries['converge'], outdir, plt, appendix)
+  for tag, other in converged:
+    summaries[f'converge ({tag})'] = []
+    _converge(other, lines, summaries[f'converge ({tag})'], outdir, plt,
+              appendix, plot_prefix=f'converge_{tag}_', issue15=True,
+              title=f'## 5b. Convergence with Muon and compositions '
+              f'(`{tag}` run)')
 
   runs = out.get('machine_runs', {})
   first = next(iter(runs.values()), {})
@@ -484,5 +667,15 @@ def write(out: dict, outdir: str):
     if vals:
       head.append(f'- **{k}**: ' + '; '.join(vals))
   head.append('')
-  with open(os.path.join(outdir, 'RESULTS.md'), 'w') as f:
-    f.write('\n'.join(head + lines + appendix) + '\n')
+  path = os.path.join(outdir, 'RESULTS.md')
+  text = '\n'.join(head + lines + appendix) + '\n'
+  # Sections that their own run writes in place (`run.py --only gpt2`,
+  # `--only einsum`) are not in results.json: carry them over unchanged.
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      old = f.read()
+    for block in re.finditer(r'<!-- ([\w-]+): written by [^\n]*? -->\n.*?'
+                             r'<!-- /\1 -->', old, re.S):
+      text = text.rstrip('\n') + '\n\n' + block.group(0) + '\n'
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)

@@ -1,0 +1,145 @@
+"""Muon and MAC compositions as benchmark peers (issue 15).
+
+Each name builds a :class:`benchmarks.steps.Trainer` with the same contract
+as the others in ``steps.py``: the optimizer is built with learning rate 1 and
+the jitted step applies ``params + lr · updates``, so one compilation serves
+every learning rate of a grid and every value of the cosine schedule. No
+optimizer here clips gradients (none of the others does); weight decay is
+``steps.ADAMW_WD`` on every parameter, as AdamW's (no mask).
+
+- ``muon``: ``optax.contrib.muon`` with :func:`muon_dimension_numbers`: every
+  2-D weight is a matrix (as in Muon's default), and so are convolution and
+  multi-axis (``DenseGeneral``/``Einsum``) kernels, flattened to
+  ``(reduction axes) × (output axes)``; biases (also attention's 2-D
+  ``[heads, head_dim]`` ones) go to Adam; ``consistent_rms=0.2`` (Liu et al.
+  2025) scales each matrix update to AdamW's RMS, so one learning rate serves
+  the Muon and the Adam parameters and the grid is AdamW's.
+- ``muon-default``: the same with ``muon_weight_dimension_numbers=None``
+  (Muon's default: only 2-D parameters are matrices; conv and multi-axis
+  kernels go to its Adam branch).
+- ``mac-adam``: ``chain(mac(), scale_by_adam(), add_decayed_weights(wd),
+  scale_by_learning_rate(1))`` — AdamW on MAC-preconditioned gradients.
+- ``mac-muon``: ``chain(mac(), muon(...))`` — ``muon`` above on
+  MAC-preconditioned gradients.
+
+MAC keeps the benchmarks' λ = ``steps.MAC_DAMPING``, β = ``steps.MAC_STAT_DECAY``.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+import mac_optax
+from benchmarks import steps
+
+NAMES = ('muon', 'muon-default', 'mac-adam', 'mac-muon')
+LABELS = {'muon': 'Muon', 'muon-default': 'Muon (default dims)',
+          'mac-adam': 'MAC→Adam', 'mac-muon': 'MAC→Muon'}
+MUON_RMS = 0.2
+# Step-time/memory rows (§1/§2 under the newest jax) and convergence rows.
+SPEED = ('sgd', 'adamw', 'mac', 'kfac', 'muon', 'muon-default')
+CONVERGE = ('sgd', 'adamw', 'mac', 'kfac', 'muon', 'muon-default', 'mac-adam',
+            'mac-muon')
+_ATTENTION_IN = ('query', 'key', 'value')
+
+
+def _dims(path, leaf):
+  names = [getattr(k, 'key', getattr(k, 'name', str(k))) for k in path]
+  if names[-1] == 'bias':   # attention's [heads, head_dim] biases too
+    return None
+  if leaf.ndim == 2:
+    return optax.contrib.MuonDimensionNumbers(0, 1)
+  if leaf.ndim < 2 or names[-1] != 'kernel':
+    return None
+  if len(names) > 1 and names[-2] in _ATTENTION_IN:
+    # DenseGeneral [d_model, heads, head_dim]: one input axis, two outputs.
+    return optax.contrib.MuonDimensionNumbers(0, tuple(range(1, leaf.ndim)))
+  # Conv [*window, in, out] and the attention output [heads, head_dim, d]:
+  # every axis but the last is contracted with the input.
+  return optax.contrib.MuonDimensionNumbers(tuple(range(leaf.ndim - 1)),
+                                            leaf.ndim - 1)
+
+
+def muon_dimension_numbers(params):
+  """Every 2-D weight and every multi-axis kernel as a matrix; else None.
+
+  Biases go to Adam, also the 2-D ``[heads, head_dim]`` biases of attention
+  that Muon's default would orthogonalize.
+  """
+  return jax.tree_util.tree_map_with_path(_dims, params)
+
+
+def muon(learning_rate=1.0, default_dims=False):
+  return optax.contrib.muon(
+      learning_rate, weight_decay=steps.ADAMW_WD,
+      adam_weight_decay=steps.ADAMW_WD, consistent_rms=MUON_RMS,
+      muon_weight_dimension_numbers=(None if default_dims
+                                     else muon_dimension_numbers))
+
+
+def _tail(name):
+  if name == 'mac-adam':
+    return optax.chain(optax.scale_by_adam(),
+                       optax.add_decayed_weights(steps.ADAMW_WD),
+                       optax.scale_by_learning_rate(1.0))
+  return muon()
+
+
+def _mac_chain(name, **mac_kwargs):
+  return optax.chain(
+      mac_optax.mac(steps.MAC_DAMPING, steps.MAC_STAT_DECAY, **mac_kwargs),
+      _tail(name))
+
+
+def make_trainer(name: str, model, plan=None) -> steps.Trainer:
+  """The jitted train step of `name` (one of :data:`NAMES`) for `model`."""
+
+  def loss_fn(params, batch):
+    x, y = batch
+    return steps.cross_entropy(model.apply({'params': params}, x), y)
+
+  if name in ('muon', 'muon-default'):
+    tx = muon(default_dims=name == 'muon-default')
+
+    def init(params, batch):
+      del batch
+      return params, tx.init(params)
+
+    def step(state, batch, lr):
+      params, opt_state = state
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (steps._apply_updates(params, updates, lr), opt_state), loss  # pylint: disable=protected-access
+
+    return steps.Trainer(name, init, jax.jit(step, donate_argnums=0),
+                         lambda s: s[1])
+
+  if name in ('mac-adam', 'mac-muon'):
+    tx = _mac_chain(name, **({} if plan is None else {'plan': plan}))
+
+    def mac_loss(params, batch):
+      x, y = batch
+      with mac_optax.linen.capture():
+        logits, captured = model.apply({'params': params}, x,
+                                       mutable=['intermediates'])
+      return steps.cross_entropy(logits, y), captured['intermediates']
+
+    def init(params, batch):
+      if plan is not None:
+        return params, tx.init(params)
+      like = jax.eval_shape(lambda p: mac_loss(p, batch)[1], params)
+      return params, _mac_chain(name, intermediates_like=like).init(params)
+
+    def step(state, batch, lr):
+      params, opt_state = state
+      (loss, inter), grads = jax.value_and_grad(mac_loss, has_aux=True)(
+          params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params,
+                                     intermediates=inter)
+      return (steps._apply_updates(params, updates, lr), opt_state), loss  # pylint: disable=protected-access
+
+    return steps.Trainer(name, init, jax.jit(step, donate_argnums=0),
+                         lambda s: s[1])
+
+  raise ValueError(f'unknown optimizer {name!r}')
