@@ -23,6 +23,10 @@ Sections (``--only`` takes a comma list):
            SGD-momentum and AdamW (``benchmarks/gpt2_fsdp.py``, in a
            subprocess; about 15 minutes on 2 cores, so not in the default
            list); its section of RESULTS.md is replaced in place
+  einsum   the einsum decoder of ``examples/gemma_decoder.py``: forward
+           with / without capture, MAC / SGD-momentum / AdamW step time
+           (``benchmarks/einsum_decoder.py``; not in the default list); its
+           section of RESULTS.md is replaced in place
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mac_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks import models  # pylint: disable=wrong-import-position
 from benchmarks import peers  # pylint: disable=wrong-import-position
+from benchmarks import einsum_decoder  # pylint: disable=wrong-import-position
 from benchmarks import gpt2_fsdp  # pylint: disable=wrong-import-position
 from benchmarks import report  # pylint: disable=wrong-import-position
 from benchmarks import steps  # pylint: disable=wrong-import-position
@@ -560,9 +565,61 @@ def bench_gpt2(quick: bool, out: dict):
       out['gpt2'] = json.load(f)
 
 
+# --------------------------------------------------------------------------
+# 7: the einsum decoder (examples/gemma_decoder.py).
+
+
+def bench_einsum(quick: bool, out: dict):
+  """Capture overhead and step-time ratios, as the capture/speed sections."""
+  # 30 repeats (15 in the speed section): the min needs a quiet moment of
+  # the shared cores, and this model's steps are short.
+  repeats, inner = (3, 2) if quick else (30, 5)
+  model, bsz, context, desc = einsum_decoder.config(quick)
+  plan = einsum_decoder.plan_of(model, context)
+  batch = models.synthetic_batch('tokens', (context,), bsz, einsum_decoder.VOCAB)
+  params = model.init(jax.random.PRNGKey(0), batch[0])['params']
+  plain = jax.jit(lambda p, x: model.apply({'params': p}, x))
+
+  @jax.jit
+  def captured(p, x):
+    with mac_optax.linen.capture():
+      return model.apply({'params': p}, x, mutable=['intermediates'])
+
+  def forward(fn):
+    def run():
+      for _ in range(inner):
+        y = fn(params, batch[0])
+      _block(y)
+    return run
+  fns = {'plain': forward(plain), 'capture': forward(captured)}
+  for f in fns.values():
+    f()
+  entry = dict(desc=desc, params=models.count_params(params),
+               fraction=plan.fraction, repeats=repeats, inner=inner,
+               jax=jax.__version__, platform=jax.devices()[0].platform,
+               forward=_interleaved(fns, repeats, inner, 'einsum forward'),
+               step={})
+  runners = {}
+  for name in ('sgd', 'adamw', 'mac'):
+    try:
+      trainer = steps.make_trainer(name, model, plan=plan)
+      state, compiled, _ = _compile(trainer, params, batch)
+      run, _ = _timed_runner(compiled, state, batch, inner)
+      run()  # warm-up
+      runners[name] = run
+    except Exception as err:  # pylint: disable=broad-except
+      entry['step'][name] = dict(error=steps.short_error(err))
+  for name, t in _interleaved(runners, repeats, inner, 'einsum step').items():
+    entry['step'][name] = t
+  out['einsum'] = entry
+
+
 SECTIONS = {'speed': bench_speed_memory, 'scaling': bench_scaling,
             'capture': bench_capture, 'converge': bench_convergence,
-            'gpt2': bench_gpt2}
+            'gpt2': bench_gpt2, 'einsum': bench_einsum}
+# Sections that replace their own part of RESULTS.md; running only these
+# leaves the rest of the file as it is.
+IN_PLACE = {'gpt2', 'einsum'}
 
 
 def main(argv=None):
@@ -600,12 +657,15 @@ def main(argv=None):
       json.dump(out, f)
     tqdm.write(f'{section}: {time.perf_counter() - t0:.0f} s')
   if (not args.no_report and os.path.exists(RESULTS_JSON)
-      and args.only.split(',') != ['gpt2']):
+      and not {s.strip() for s in args.only.split(',')} <= IN_PLACE):
     with open(RESULTS_JSON) as f:
       report.write(json.load(f), HERE)
   if not args.no_report and 'gpt2' in out and not out['gpt2']['quick']:
     gpt2_fsdp.write_section(os.path.join(HERE, 'RESULTS.md'), out['gpt2'],
                             out['machine_runs']['gpt2'])
+  if not args.no_report and 'einsum' in out and not out['quick']:
+    einsum_decoder.write_section(os.path.join(HERE, 'RESULTS.md'),
+                                 out['einsum'], out['machine_runs']['einsum'])
 
 
 if __name__ == '__main__':

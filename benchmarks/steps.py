@@ -62,8 +62,18 @@ def _apply_updates(params, updates, lr):
 
 
 def make_trainer(name: str, model, *, kfac_inverse_every=KFAC_INVERSE_EVERY,
-                 kfac_damping=KFAC_DAMPING) -> Trainer:
-  """The train step of optimizer `name` for linen `model` (softmax CE)."""
+                 kfac_damping=KFAC_DAMPING, plan=None) -> Trainer:
+  """The train step of optimizer `name` for linen `model` (softmax CE).
+
+  Args:
+    name: one of :data:`OPTIMIZERS`.
+    model: the linen model.
+    kfac_inverse_every: kfac-jax's inverse update period.
+    kfac_damping: kfac-jax's damping.
+    plan: MAC's layer plan (``mac_optax.linen.plan``). Needed by models with
+      einsum layers, whose statistics only the plan can pair with their
+      kernels; None builds MAC from the capture's shapes instead.
+  """
 
   def loss_fn(params, batch):
     x, y = batch
@@ -88,7 +98,7 @@ def make_trainer(name: str, model, *, kfac_inverse_every=KFAC_INVERSE_EVERY,
 
   if name == 'mac':
     tx = mac_optax.mac_sgd(1.0, MOMENTUM, damping=MAC_DAMPING,
-                           stat_decay=MAC_STAT_DECAY)
+                           stat_decay=MAC_STAT_DECAY, plan=plan)
 
     def mac_loss(params, batch):
       x, y = batch
@@ -98,6 +108,8 @@ def make_trainer(name: str, model, *, kfac_inverse_every=KFAC_INVERSE_EVERY,
       return cross_entropy(logits, y), captured['intermediates']
 
     def init(params, batch):
+      if plan is not None:   # the plan already holds every layer's shapes
+        return params, tx.init(params)
       # Build the full per-layer state up front (no lazy extra trace).
       like = jax.eval_shape(lambda p: mac_loss(p, batch)[1], params)
       global_tx = mac_optax.mac_sgd(1.0, MOMENTUM, damping=MAC_DAMPING,
