@@ -293,8 +293,9 @@ def _peers_speed_memory(other, lines, summary, tag):
                      f'MAC {mac["min"] / b["min"]:.2f}× SGD (min)')
   errors = [(m, o, e['opt'][o]['error']) for m, e in sp['models'].items()
             for o in opts if 'error' in e['opt'].get(o, {})]
-  lines += [''] + [f'- {LABEL[o]} on {m}: `{t}`' for m, o, t in errors]
   lines.append('')
+  if errors:
+    lines += [f'- {LABEL[o]} on {m}: `{t}`' for m, o, t in errors] + ['']
 
 
 def _other_envs(outdir, lines, summary, converged=None):
@@ -462,8 +463,11 @@ def _converge(out, lines, summary, outdir, plt, appendix, *,
             f'learning rate of each optimizer is the one with the best mean '
             f'final test metric; the full grid is in the appendix. Time to '
             f'target: training wall-clock (train steps only, evaluation '
-            f'excluded, compile excluded) until the first evaluation (every '
-            f'{cv["eval_every"]} steps) that reaches the target, mean over the '
+            f'excluded, compile excluded) until the first evaluation (' +
+            (f'every {cv["eval_every"]} steps' if not issue15 else
+             'at a per-task interval, stated with its time-to-target '
+             'table') +
+            f') that reaches the target, mean over the '
             f'seeds that reach it. Momentum 0.9 for SGD, MAC and kfac-jax; '
             f'AdamW weight decay {steps.ADAMW_WD}; MAC λ={steps.MAC_DAMPING}, '
             f'β={steps.MAC_STAT_DECAY}; kfac-jax damping {steps.KFAC_DAMPING},'
