@@ -93,3 +93,18 @@ def test_convergence_and_report_with_peers(tmp_path, monkeypatch):
   assert 'Time to target' in text and '| MAC→Muon |' in text
   assert '## 4c. Step time and memory with Muon' in text
   assert '<!-- x: written by hand -->\nkept\n<!-- /x -->' in text
+
+
+def test_when_to_use_mac_quotes_results():
+  """Every number of docs/when_to_use_mac.md is in benchmarks/RESULTS.md."""
+  from tests import test_numbers  # pylint: disable=g-import-not-at-top
+  page = (test_numbers.ROOT / 'docs' / 'when_to_use_mac.md').read_text(
+      encoding='utf-8')
+  results = test_numbers._squash(  # pylint: disable=protected-access
+      test_numbers.RESULTS.read_text(encoding='utf-8'))
+  numbers = [test_numbers._squash(m.group(0))  # pylint: disable=protected-access
+             for m in test_numbers._NUMBER.finditer(  # pylint: disable=protected-access
+                 test_numbers._prose(page))]  # pylint: disable=protected-access
+  assert len(numbers) > 20
+  missing = [n for n in numbers if n not in results]
+  assert not missing, f'not stated in benchmarks/RESULTS.md: {missing}'
