@@ -19,6 +19,10 @@ Sections (``--only`` takes a comma list):
   scaling  step-time overhead over SGD-momentum vs MLP width d
   capture  forward pass with and without ``mac_optax.linen.capture()``
   converge real data, LR grid × 3 seeds, mean ± std
+           (with Muon and the MAC→Adam / MAC→Muon compositions of
+           ``benchmarks/peers.py``; under the newest jax, where kfac-jax
+           cannot run, ``--tag peers --only converge,speed`` writes the
+           report's §4c and §5b)
   gpt2     GPT-2-small (124 M) under FSDP on 8 host devices, MAC vs
            SGD-momentum and AdamW (``benchmarks/gpt2_fsdp.py``, in a
            subprocess; about 15 minutes on 2 cores, so not in the default
