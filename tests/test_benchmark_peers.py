@@ -4,18 +4,28 @@ Fast smoke tests of the code paths `benchmarks/run.py` uses for them; the
 measurements themselves are not rerun here.
 """
 
+import inspect
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from benchmarks import models
 from benchmarks import peers
 from benchmarks import report
 from benchmarks import run
 
+# The benchmarks use Muon with MuonDimensionNumbers and consistent_rms, which
+# the oldest optax the library supports (0.2.5) lacks.
+pytestmark = pytest.mark.skipif(
+    not hasattr(optax.contrib, 'MuonDimensionNumbers')
+    or 'consistent_rms' not in inspect.signature(
+        optax.contrib.muon).parameters,
+    reason=f'optax {optax.__version__} has no MuonDimensionNumbers / '
+    'consistent_rms (the Muon benchmarks need a newer optax)')
 
 def test_muon_dimension_numbers_make_kernels_matrices():
   vit = models.ViT(patch=2, dim=8, depth=1, heads=2)
