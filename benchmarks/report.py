@@ -298,7 +298,72 @@ def _peers_speed_memory(other, lines, summary, tag):
     lines += [f'- {LABEL[o]} on {m}: `{t}`' for m, o, t in errors] + ['']
 
 
-def _other_envs(outdir, lines, summary, converged=None):
+SCALING_PEERS = ('adamw', 'mac', 'kfac', 'muon')
+
+
+def _peers_scaling(other, lines, summary, tag, outdir, plt):
+  """§3b: the width scaling of a tag run, with AdamW and Muon."""
+  sc = other['scaling']
+  run = other.get('machine_runs', {}).get('scaling', {})
+  v = run.get('versions', {})
+  opts = [o for o in SCALING_PEERS
+          if any('min' in r.get(o, {}) for r in sc['rows'].values())]
+  lines += [f'## 3b. Scaling with layer width, with AdamW and Muon (`{tag}` '
+            'run)', '',
+            'The protocol of §3 (same MLP, batch, repeats and interleaving; '
+            'ratios to SGD-momentum timed in the same process), run in: '
+            + ', '.join(f'{k} {val}' for k, val in v.items()
+                        if k in ('jax', 'jaxlib', 'flax', 'optax'))
+            + f'; {run.get("date")}, {run.get("seconds", 0):.0f} s, load '
+            f'{run.get("load")} → {run.get("load_end")}. Muon as in §4c '
+            '(Newton-Schulz on each d×d kernel).', '',
+            '| d | SGD ms | ' + ' | '.join(f'{LABEL[o]} ms' for o in opts)
+            + ' | ' + ' | '.join(f'{LABEL[o]} / SGD' for o in opts) + ' |',
+            '|---|---|' + '---|' * (2 * len(opts))]
+  curves = {o: ([], []) for o in opts}
+  for d in sc['widths']:
+    row = sc['rows'].get(str(d), sc['rows'].get(d, {}))
+    base = row.get('sgd', {}).get('min')
+    cells, ratios = [], []
+    for o in opts:
+      r = row.get(o, {})
+      if 'min' in r:
+        cells.append(_ms(r['min']))
+        ratios.append(f'{r["min"] / base:.2f}×' if base else '–')
+        if base:
+          curves[o][0].append(d)
+          curves[o][1].append(r['min'] / base)
+      else:
+        cells.append('not run' if 'skipped' in r else
+                     'fails' if 'error' in r else '–')
+        ratios.append('–')
+    lines.append(f'| {d} | {_ms(base) if base else "–"} | '
+                 + ' | '.join(cells) + ' | ' + ' | '.join(ratios) + ' |')
+  if sc.get('skipped'):
+    lines += [''] + [f'- {LABEL[o]}: {t}' for o, t in sc['skipped'].items()]
+  lines.append('')
+  summary.append(f'{tag} scaling: ' + '; '.join(
+      f'{LABEL[o]} {ys[-1]:.2f}× SGD at width {xs[-1]}'
+      for o, (xs, ys) in curves.items() if xs))
+  if plt and any(xs for xs, _ in curves.values()):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for o, (xs, ys) in curves.items():
+      if xs:
+        ax.plot(xs, ys, 'o-', color=COLORS[o], label=LABEL[o])
+    ax.axhline(1.0, color='gray', lw=0.8, ls='--', label='SGD-momentum')
+    ax.set_xscale('log', base=2)
+    ax.set_yscale('log')
+    ax.set_xlabel('layer width d')
+    ax.set_ylabel('step time / SGD-momentum step time')
+    ax.set_title(f'Step-time overhead vs width (MLP, CPU, {tag})')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(outdir, f'scaling_{tag}.png'), dpi=80)
+    plt.close(fig)
+    lines += [f'![scaling {tag}](scaling_{tag}.png)', '']
+
+
+def _other_envs(outdir, lines, summary, converged=None, plt=None):
   """Speed and capture ratios of `results_TAG.json` files (other envs).
 
   Tag files with a convergence section are appended to `converged`, for
@@ -317,6 +382,8 @@ def _other_envs(outdir, lines, summary, converged=None):
     v = first.get('versions', {})
     if other.get('converge') is not None and converged is not None:
       converged.append((tag, other))
+    if other.get('scaling'):
+      _peers_scaling(other, lines, summary, tag, outdir, plt)
     if 'muon' in json.dumps(list(other.get('speed', {}).get('models', {})
                                  .get('MLP', {}).get('opt', {}))):
       lines += [f'## 4c. Step time and memory with Muon (`{tag}` run)', '',
@@ -626,7 +693,8 @@ def write(out: dict, outdir: str):
   _capture(out, lines, summaries['capture'])
   summaries['other environments'] = []
   converged = []
-  _other_envs(outdir, lines, summaries['other environments'], converged)
+  _other_envs(outdir, lines, summaries['other environments'], converged,
+              plt)
   _converge(out, lines, summaries['converge'], outdir, plt, appendix)
   for tag, other in converged:
     summaries[f'converge ({tag})'] = []

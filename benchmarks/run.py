@@ -16,7 +16,9 @@ jax, where kfac-jax cannot run); RESULTS.md shows those tables too.
 Sections (``--only`` takes a comma list):
   speed    whole jitted train step, interleaved, ratios to SGD-momentum
   memory   optimizer-state bytes, compiled memory (``memory_analysis()``)
-  scaling  step-time overhead over SGD-momentum vs MLP width d
+  scaling  step-time overhead over SGD-momentum vs MLP width d (with
+           AdamW and Muon, Muon capped at d=2048; under the newest jax
+           ``--tag peers --only scaling`` writes the report's §3b)
   capture  forward pass with and without ``mac_optax.linen.capture()``
   converge real data, LR grid × 3 seeds, mean ± std
            (with Muon and the MAC→Adam / MAC→Muon compositions of
@@ -221,13 +223,31 @@ def bench_speed_memory(quick: bool, out: dict):
 # 3: scaling with width.
 
 
-def bench_scaling(quick: bool, out: dict):
-  widths = [128, 256, 512] if quick else [128, 256, 512, 1024, 2048, 4096]
+def _missing_kfac() -> str:
+  """'' where kfac-jax imports, else why its scaling rows are not run."""
+  try:
+    import kfac_jax  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  except Exception as err:  # pylint: disable=broad-except
+    return f'kfac-jax does not import here ({steps.short_error(err, 120)})'
+  return ''
+
+
+def bench_scaling(quick: bool, out: dict, widths=None):
+  if widths is None:
+    widths = [128, 256, 512] if quick else [128, 256, 512, 1024, 2048, 4096]
   repeats, inner = (3, 5) if quick else (5, 5)
   bsz = 64
   budget_s = 4.0  # skip larger widths of an optimizer once a step exceeds it
-  names = ['sgd', 'mac', 'kfac']
+  names = ['sgd', 'adamw', 'mac', 'kfac', 'muon']
+  # Muon's Newton-Schulz iterations are O(d³) per matrix: 2.3 s a step at
+  # d=2048 on 2 cores (measured under jax 0.10.2), so d=4096 (~8× that, and
+  # 4 timed rounds of 5 steps) is not run.
+  max_width = {'muon': 2048}
   skipped = {}
+  why = _missing_kfac()
+  if why:
+    names.remove('kfac')
+    skipped['kfac'] = why
   rows = {}
   for d in tqdm(widths, desc='scaling'):
     model = models.MLP((d, d), classes=10)
@@ -236,11 +256,14 @@ def bench_scaling(quick: bool, out: dict):
     row = {}
     runners = {}
     for name in names:
+      if name in max_width and d > max_width[name]:
+        skipped.setdefault(name, f'width capped at d={max_width[name]} '
+                           '(O(d³) Newton-Schulz step); larger d not run')
       if name in skipped:
         row[name] = dict(skipped=skipped[name])
         continue
       try:
-        trainer = steps.make_trainer(name, model)
+        trainer = _trainer(name, model)
         state, compiled, _ = _compile(trainer, params, batch)
         run, _ = _timed_runner(compiled, state, batch, inner)
         t0 = time.perf_counter()

@@ -118,3 +118,22 @@ def test_when_to_use_mac_quotes_results():
   assert len(numbers) > 20
   missing = [n for n in numbers if n not in results]
   assert not missing, f'not stated in benchmarks/RESULTS.md: {missing}'
+
+
+def test_scaling_with_muon_and_its_report(tmp_path):
+  out = {}
+  run.bench_scaling(True, out, widths=[16, 32])
+  sc = out['scaling']
+  for d in (16, 32):
+    for name in ('sgd', 'adamw', 'mac', 'muon'):
+      assert 'min' in sc['rows'][d][name], (d, name)
+  # Rendered as a tag run's §3b (Muon, AdamW and MAC over SGD-momentum).
+  tag_run = dict(quick=False, scaling=sc, machine_runs={'scaling': dict(
+      date='today', seconds=1.0, load='0', load_end='0')})
+  with open(tmp_path / 'results_peers.json', 'w') as f:
+    json.dump(tag_run, f)
+  report.write({}, str(tmp_path))
+  text = (tmp_path / 'RESULTS.md').read_text()
+  assert '## 3b. Scaling with layer width, with AdamW and Muon' in text
+  assert '| Muon ms |' in text and '| Muon / SGD |' in text
+  assert (tmp_path / 'scaling_peers.png').exists()
