@@ -42,6 +42,15 @@ SPEED = ('sgd', 'adamw', 'mac', 'kfac', 'muon', 'muon-default')
 CONVERGE = ('sgd', 'adamw', 'mac', 'kfac', 'muon', 'muon-default', 'mac-adam',
             'mac-muon')
 _ATTENTION_IN = ('query', 'key', 'value')
+# The einsum decoder of examples/gemma_decoder.py: q [d, heads, head_dim] is
+# one matrix d × (heads·head_dim); kv [d, 2, kv_heads, head_dim] and the
+# gated MLP's [d, 2, hidden] are two matrices each (axis 1 a batch axis).
+# Its attention output [heads, head_dim, d] takes the rule below.
+_EINSUM = {
+    'q_einsum': optax.contrib.MuonDimensionNumbers(0, (1, 2)),
+    'kv_einsum': optax.contrib.MuonDimensionNumbers(0, (2, 3)),
+    'gating_einsum': optax.contrib.MuonDimensionNumbers(0, 2),
+} if hasattr(optax.contrib, 'MuonDimensionNumbers') else {}
 
 
 def _dims(path, leaf):
@@ -52,6 +61,8 @@ def _dims(path, leaf):
     return optax.contrib.MuonDimensionNumbers(0, 1)
   if leaf.ndim < 2 or names[-1] != 'kernel':
     return None
+  if len(names) > 1 and names[-2] in _EINSUM:
+    return _EINSUM[names[-2]]
   if len(names) > 1 and names[-2] in _ATTENTION_IN:
     # DenseGeneral [d_model, heads, head_dim]: one input axis, two outputs.
     return optax.contrib.MuonDimensionNumbers(0, tuple(range(1, leaf.ndim)))

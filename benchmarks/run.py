@@ -101,11 +101,12 @@ def speed_models(quick: bool):
   }
 
 
-def _trainer(name, model):
+def _trainer(name, model, plan=None):
   """`steps.make_trainer`, or `peers.make_trainer` for Muon/compositions."""
+  kw = {} if plan is None else dict(plan=plan)
   if name in peers.NAMES:
-    return peers.make_trainer(name, model)
-  return steps.make_trainer(name, model)
+    return peers.make_trainer(name, model, **kw)
+  return steps.make_trainer(name, model, **kw)
 
 
 def _fresh(tree):
@@ -349,6 +350,17 @@ def convergence_tasks(quick: bool):
                         desc=f'char GPT d=64, 2 blocks, 4 heads, context '
                         f'{gpt_ctx}, on pydoc_data.topics'),
   }
+  # The einsum decoder of examples/gemma_decoder.py (a tiny config) on the
+  # GPT's data; MAC needs its layer plan. Not Muon (default dims), whose
+  # Adam branch takes every multi-axis einsum kernel, nor kfac-jax.
+  dec, _, _, _ = einsum_decoder.config(True)
+  tasks['pydoc-einsum-decoder'] = dict(
+      data='pydoc', model=dec, plan=einsum_decoder.plan_of(dec, gpt_ctx),
+      opts=('sgd', 'adamw', 'mac', 'muon', 'mac-adam', 'mac-muon'),
+      metric='loss', target=2.8, steps=20 if quick else 150, batch=32,
+      eval_every=25, desc=f'einsum decoder of examples/gemma_decoder.py, d=32, '
+      f'1 block, 4 query / 2 key-value heads of 8, gated MLP 64, context '
+      f'{gpt_ctx}, on pydoc_data.topics')
   try:
     models.mnist1d(0)
     tasks['MNIST-1D'] = dict(data='mnist1d', model=models.Conv1DNet(),
@@ -479,8 +491,11 @@ def _extend_grid(grid, runs, metric):
 CONVERGE_OPTS = peers.CONVERGE
 
 
-def bench_convergence(quick: bool, out: dict):
+def bench_convergence(quick: bool, out: dict, only_tasks=None):
+  """All tasks, or `only_tasks` merged into the section `out` holds."""
   tasks, gpt_ctx = convergence_tasks(quick)
+  if only_tasks:
+    tasks = {k: v for k, v in tasks.items() if k in only_tasks}
   seeds = [0] if quick else [0, 1, 2]
   grids = ({k: [v[1]] for k, v in LR_GRIDS.items()} if quick else LR_GRIDS)
   default_eval_every = 10 if quick else 20
@@ -507,9 +522,9 @@ def bench_convergence(quick: bool, out: dict):
     y0 = jnp.asarray(data.y_train[:task['batch']])
     params0 = model.init(jax.random.PRNGKey(0), x0)['params']
     entry['params'] = models.count_params(params0)
-    for name in CONVERGE_OPTS:
+    for name in [o for o in CONVERGE_OPTS if o in task.get('opts', (o,))]:
       try:
-        trainer = _trainer(name, model)
+        trainer = _trainer(name, model, task.get('plan'))
         _, compiled, _ = _compile(trainer, params0, (x0, y0))
       except Exception as err:  # pylint: disable=broad-except
         entry['opt'][name] = dict(error=steps.short_error(err))
@@ -547,6 +562,9 @@ def bench_convergence(quick: bool, out: dict):
       entry['opt'][name] = dict(runs=runs, grid=grid)
     results[tname] = entry
     tqdm.write(f'converge: {tname} done')
+  if only_tasks and out.get('converge'):
+    out['converge']['tasks'].update(results)
+    return
   out['converge'] = dict(seeds=seeds, grids=grids, eval_every=default_eval_every,
                          tasks=results)
 
@@ -661,7 +679,13 @@ def main(argv=None):
                       'environment, e.g. the newest jax without kfac-jax); '
                       'RESULTS.md shows its speed and capture tables beside '
                       'the main ones')
+  parser.add_argument('--tasks', default='',
+                      help='comma list of convergence tasks to run (merged '
+                      'into the section already in the results file)')
   args = parser.parse_args(argv)
+  if args.tasks:
+    SECTIONS['converge'] = lambda quick, out: bench_convergence(
+        quick, out, only_tasks=args.tasks.split(','))
   results_json = (os.path.join(HERE, f'results_{args.tag}.json') if args.tag
                   else RESULTS_JSON)
   out = {}
@@ -678,8 +702,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     SECTIONS[section](args.quick, out)
     end_load = machine()['load']
-    out['machine_runs'][section] = dict(start, load_end=end_load,
-                                        seconds=time.perf_counter() - t0)
+    key = (f'{section} ({args.tasks})' if section == 'converge'
+           and args.tasks else section)
+    out['machine_runs'][key] = dict(start, load_end=end_load,
+                                    seconds=time.perf_counter() - t0)
     with open(results_json, 'w') as f:
       json.dump(out, f)
     tqdm.write(f'{section}: {time.perf_counter() - t0:.0f} s')

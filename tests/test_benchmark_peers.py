@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from benchmarks import einsum_decoder
 from benchmarks import models
 from benchmarks import peers
 from benchmarks import report
@@ -122,9 +123,9 @@ def test_when_to_use_mac_quotes_results():
 
 def test_scaling_with_muon_and_its_report(tmp_path):
   out = {}
-  run.bench_scaling(True, out, widths=[16, 32])
+  run.bench_scaling(True, out, widths=[16])
   sc = out['scaling']
-  for d in (16, 32):
+  for d in (16,):
     for name in ('sgd', 'adamw', 'mac', 'muon'):
       assert 'min' in sc['rows'][d][name], (d, name)
   # Rendered as a tag run's §3b (Muon, AdamW and MAC over SGD-momentum).
@@ -137,3 +138,32 @@ def test_scaling_with_muon_and_its_report(tmp_path):
   assert '## 3b. Scaling with layer width, with AdamW and Muon' in text
   assert '| Muon ms |' in text and '| Muon / SGD |' in text
   assert (tmp_path / 'scaling_peers.png').exists()
+
+
+def test_einsum_decoder_convergence_task(monkeypatch):
+  """The decoder task runs with its plan and its own optimizers, merged."""
+  monkeypatch.setattr(run, 'CONVERGE_OPTS', ('kfac', 'mac'))
+  monkeypatch.setattr(models, 'mnist1d', lambda seed: 1 / 0)  # not needed
+  real = run.convergence_tasks
+
+  def tasks(quick):
+    got, ctx = real(quick)
+    got['pydoc-einsum-decoder'].update(steps=2, eval_every=2)
+    return got, ctx
+  monkeypatch.setattr(run, 'convergence_tasks', tasks)
+  out = {'converge': dict(tasks={'other': {}})}
+  run.bench_convergence(True, out, only_tasks=['pydoc-einsum-decoder'])
+  assert set(out['converge']['tasks']) == {'other', 'pydoc-einsum-decoder'}
+  opt = out['converge']['tasks']['pydoc-einsum-decoder']['opt']
+  assert set(opt) == {'mac'}   # MAC with the plan; kfac not a decoder peer
+  for name, r in opt.items():
+    assert np.isfinite(r['runs'][str(r['grid'][0])][0]['loss'][-1]), name
+  dec = out['converge']['tasks']['pydoc-einsum-decoder']
+  assert 'einsum decoder' in dec['desc']
+  model = einsum_decoder.config(True)[0]
+  dims = peers.muon_dimension_numbers(jax.eval_shape(
+      model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))[
+          'params'])
+  dn = optax.contrib.MuonDimensionNumbers
+  assert dims['layer_0']['attn']['kv_einsum']['kernel'] == dn(0, (2, 3))
+  assert dims['layer_0']['mlp']['gating_einsum']['kernel'] == dn(0, 2)
