@@ -35,13 +35,11 @@ if __name__ == '__main__':
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import mac_optax
 from tests import distributed_checks
 from tests import small_mlp
 
@@ -85,25 +83,6 @@ def gather(tree):
 # Data-parallel MLP (tests/small_mlp.py) and its checkpoint round trip.
 
 
-def mlp_setup():
-  rng = np.random.default_rng(0)
-  xs = rng.normal(size=(STEPS, GLOBAL_BATCH, 5)).astype(np.float32) + 0.5
-  ys = rng.integers(0, 3, size=(STEPS, GLOBAL_BATCH)).astype(np.int32)
-  params = small_mlp.random_params(xs[0])
-  like = small_mlp.intermediates_like(params, xs[0])
-  # inv_every=3: the refreshed ā and the step counter cross the checkpoint.
-  tx = mac_optax.mac_sgd(0.1, momentum=0.9, damping=0.5, stat_decay=0.9,
-                         inv_every=3, intermediates_like=like)
-  return tx, params, xs, ys
-
-
-def mlp_step(tx):
-  @jax.jit
-  def step(params, state, x, y):
-    grads, inter = small_mlp.grads_and_statistics(params, x, y)
-    updates, state = tx.update(grads, state, params, intermediates=inter)
-    return optax.apply_updates(params, updates), state
-  return step
 
 
 def data_mesh() -> Mesh:
@@ -114,9 +93,10 @@ class MlpRun:
   """MAC training of the MLP, data-parallel over `mesh` or on one device."""
 
   def __init__(self, mesh: Optional[Mesh] = None):
-    self.tx, params, self.xs, self.ys = mlp_setup()
+    self.tx, params, self.xs, self.ys = small_mlp.checkpoint_run(
+        STEPS, GLOBAL_BATCH)
     self.mesh = mesh
-    self.step = mlp_step(self.tx)
+    self.step = small_mlp.train_step(self.tx)
     if mesh is None:
       self.params, self.state = params, self.tx.init(params)
     else:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import mac_optax
 from mac_optax import linen as mac_linen
 
 
@@ -42,3 +43,28 @@ def grads_and_statistics(params, x, y):
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, v['intermediates']
   return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def checkpoint_run(steps, batch):
+  """``(tx, params, xs, ys)`` of the checkpoint/resume tests (plan path).
+
+  ``inv_every=3``: the refreshed ā and the step counter must both resume.
+  """
+  rng = np.random.default_rng(0)
+  xs = rng.normal(size=(steps, batch, 5)).astype(np.float32) + 0.5
+  ys = rng.integers(0, 3, size=(steps, batch)).astype(np.int32)
+  params = random_params(xs[0])
+  plan = mac_linen.plan(Mlp(), {'params': params}, xs[0])
+  tx = mac_optax.mac_sgd(0.1, momentum=0.9, damping=0.5, stat_decay=0.9,
+                         inv_every=3, plan=plan)
+  return tx, params, xs, ys
+
+
+def train_step(tx):
+  """A jitted MAC training step of the MLP."""
+  @jax.jit
+  def step(params, state, x, y):
+    grads, inter = grads_and_statistics(params, x, y)
+    updates, state = tx.update(grads, state, params, intermediates=inter)
+    return optax.apply_updates(params, updates), state
+  return step

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 import mac_optax
@@ -14,30 +13,11 @@ ocp = pytest.importorskip('orbax.checkpoint')
 STEPS = 4
 
 
-def _setup():
-  rng = np.random.default_rng(0)
-  xs = rng.normal(size=(STEPS, 8, 5)).astype(np.float32) + 0.5
-  ys = rng.integers(0, 3, size=(STEPS, 8)).astype(np.int32)
-  params = small_mlp.random_params(xs[0])
-  like = small_mlp.intermediates_like(params, xs[0])
-  # inv_every=3: the refreshed vector and the step counter must both resume.
-  tx = mac_optax.mac_sgd(0.1, momentum=0.9, damping=0.5, stat_decay=0.9,
-                         inv_every=3, intermediates_like=like)
-  return tx, params, xs, ys
-
-
-def _step_fn(tx):
-  @jax.jit
-  def step(params, state, x, y):
-    grads, inter = small_mlp.grads_and_statistics(params, x, y)
-    updates, state = tx.update(grads, state, params, intermediates=inter)
-    return optax.apply_updates(params, updates), state
-  return step
 
 
 def test_orbax_round_trip_and_bit_identical_resume(tmp_path):
-  tx, params, xs, ys = _setup()
-  step = _step_fn(tx)
+  tx, params, xs, ys = small_mlp.checkpoint_run(STEPS, 8)
+  step = small_mlp.train_step(tx)
   state = tx.init(params)
   # Uninterrupted run.
   p, s = params, state
