@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import mac_optax
+from benchmarks import report
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), 'examples')
@@ -96,23 +97,7 @@ def write_section(path: str, result: dict, machine: dict) -> None:
 
   The rest of the file is left as it is.
   """
-  versions = ', '.join(f'{k} {v}' for k, v in machine['versions'].items()
-                       if 'unavailable' not in str(v))
-  block = '\n'.join([
-      BEGIN, markdown(result),
-      f"Machine: {machine['cpu']}, {machine['nproc']} cores, "
-      f"{machine['date']}; {versions}. The cores were shared: load average "
-      f"{machine['load'].split()[0]} at the start, "
-      f"{machine.get('load_end', '?').split()[0]} at the end; interleaving "
-      'keeps the ratios comparable, the milliseconds are inflated by the '
-      'load.',
-      END])
-  with open(path) as f:
-    text = f.read()
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + block + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip('\n') + '\n\n' + block + '\n'
-  with open(path, 'w') as f:
-    f.write(text)
+  report.write_in_place(
+      path, BEGIN, END, markdown(result), machine,
+      '; interleaving keeps the ratios comparable, the milliseconds are '
+      'inflated by the load.')

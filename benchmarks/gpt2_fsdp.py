@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 import mac_optax
 from benchmarks import models
+from benchmarks import report
 from benchmarks import steps
 
 F32 = np.float32
@@ -333,25 +334,9 @@ def write_section(path: str, result: dict, machine: dict) -> None:
   The rest of the file (generated tables and the commentary written by
   hand) is left as it is.
   """
-  versions = ', '.join(f'{k} {v}' for k, v in machine['versions'].items()
-                       if 'unavailable' not in str(v))
-  block = '\n'.join([
-      BEGIN, markdown(result),
-      f"Machine: {machine['cpu']}, {machine['nproc']} cores, "
-      f"{machine['date']}; {versions}. The cores were shared: load average "
-      f"{machine['load'].split()[0]} at the start, "
-      f"{machine.get('load_end', '?').split()[0]} at the end, so step-time "
-      'ratios within about 10 % of 1 are noise here.',
-      END])
-  with open(path) as f:
-    text = f.read()
-  if BEGIN in text and END in text:
-    head, rest = text.split(BEGIN, 1)
-    text = head + block + rest.split(END, 1)[1]
-  else:
-    text = text.rstrip('\n') + '\n\n' + block + '\n'
-  with open(path, 'w') as f:
-    f.write(text)
+  report.write_in_place(
+      path, BEGIN, END, markdown(result), machine,
+      ', so step-time ratios within about 10 % of 1 are noise here.')
 
 
 def main(argv=None):

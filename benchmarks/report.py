@@ -751,3 +751,32 @@ def write(out: dict, outdir: str):
       text = text.rstrip('\n') + '\n\n' + block.group(0) + '\n'
   with open(path, 'w', encoding='utf-8') as f:
     f.write(text)
+
+
+def write_in_place(path: str, begin: str, end: str, body: str, machine: dict,
+                   load_note: str) -> None:
+  """Writes a run's own section into RESULTS.md, replacing an earlier one.
+
+  The section is ``body`` and a machine line between the ``begin``/``end``
+  markers; the rest of the file (generated tables, commentary written by
+  hand, other such sections) is left as it is. :func:`write` carries these
+  sections over when it regenerates the file.
+  """
+  versions = ', '.join(f'{k} {v}' for k, v in machine['versions'].items()
+                       if 'unavailable' not in str(v))
+  block = '\n'.join([
+      begin, body,
+      f"Machine: {machine['cpu']}, {machine['nproc']} cores, "
+      f"{machine['date']}; {versions}. The cores were shared: load average "
+      f"{machine['load'].split()[0]} at the start, "
+      f"{machine.get('load_end', '?').split()[0]} at the end{load_note}",
+      end])
+  with open(path) as f:
+    text = f.read()
+  if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    text = head + block + rest.split(end, 1)[1]
+  else:
+    text = text.rstrip('\n') + '\n\n' + block + '\n'
+  with open(path, 'w') as f:
+    f.write(text)
