@@ -106,51 +106,12 @@ def _mac_chain(name, **mac_kwargs):
 def make_trainer(name: str, model, plan=None) -> steps.Trainer:
   """The jitted train step of `name` (one of :data:`NAMES`) for `model`."""
 
-  def loss_fn(params, batch):
-    x, y = batch
-    return steps.cross_entropy(model.apply({'params': params}, x), y)
-
   if name in ('muon', 'muon-default'):
-    tx = muon(default_dims=name == 'muon-default')
-
-    def init(params, batch):
-      del batch
-      return params, tx.init(params)
-
-    def step(state, batch, lr):
-      params, opt_state = state
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (steps._apply_updates(params, updates, lr), opt_state), loss  # pylint: disable=protected-access
-
-    return steps.Trainer(name, init, jax.jit(step, donate_argnums=0),
-                         lambda s: s[1])
+    return steps.optax_trainer(
+        name, muon(default_dims=name == 'muon-default'), model)
 
   if name in ('mac-adam', 'mac-muon'):
-    tx = _mac_chain(name, **({} if plan is None else {'plan': plan}))
-
-    def mac_loss(params, batch):
-      x, y = batch
-      with mac_optax.linen.capture():
-        logits, captured = model.apply({'params': params}, x,
-                                       mutable=['intermediates'])
-      return steps.cross_entropy(logits, y), captured['intermediates']
-
-    def init(params, batch):
-      if plan is not None:
-        return params, tx.init(params)
-      like = jax.eval_shape(lambda p: mac_loss(p, batch)[1], params)
-      return params, _mac_chain(name, intermediates_like=like).init(params)
-
-    def step(state, batch, lr):
-      params, opt_state = state
-      (loss, inter), grads = jax.value_and_grad(mac_loss, has_aux=True)(
-          params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params,
-                                     intermediates=inter)
-      return (steps._apply_updates(params, updates, lr), opt_state), loss  # pylint: disable=protected-access
-
-    return steps.Trainer(name, init, jax.jit(step, donate_argnums=0),
-                         lambda s: s[1])
+    return steps.mac_trainer(
+        name, lambda **kw: _mac_chain(name, **kw), model, plan)
 
   raise ValueError(f'unknown optimizer {name!r}')

@@ -61,6 +61,64 @@ def _apply_updates(params, updates, lr):
       params, updates)
 
 
+def optax_trainer(name: str, tx: optax.GradientTransformation,
+                  model) -> Trainer:
+  """The train step of a plain optax optimizer (``tx`` at lr 1, scaled by lr)."""
+
+  def loss_fn(params, batch):
+    x, y = batch
+    return cross_entropy(model.apply({'params': params}, x), y)
+
+  def init(params, batch):
+    del batch
+    return params, tx.init(params)
+
+  def step(state, batch, lr):
+    params, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (_apply_updates(params, updates, lr), opt_state), loss
+
+  return Trainer(name, init, jax.jit(step, donate_argnums=0), lambda s: s[1])
+
+
+def mac_trainer(name: str, make_tx, model, plan=None) -> Trainer:
+  """The train step of a chain with MAC inside, statistics captured.
+
+  Args:
+    name: the optimizer's name.
+    make_tx: ``(**mac keywords) -> the chain`` (``plan=`` or
+      ``intermediates_like=`` go to its ``mac``).
+    model: the linen model.
+    plan: MAC's layer plan; None builds the state from the capture's shapes
+      (the full per-layer state up front: no lazy extra trace).
+  """
+  tx = make_tx(**({} if plan is None else {'plan': plan}))
+
+  def mac_loss(params, batch):
+    x, y = batch
+    with mac_optax.linen.capture():
+      logits, captured = model.apply({'params': params}, x,
+                                     mutable=['intermediates'])
+    return cross_entropy(logits, y), captured['intermediates']
+
+  def init(params, batch):
+    if plan is not None:   # the plan already holds every layer's shapes
+      return params, tx.init(params)
+    like = jax.eval_shape(lambda p: mac_loss(p, batch)[1], params)
+    return params, make_tx(intermediates_like=like).init(params)
+
+  def step(state, batch, lr):
+    params, opt_state = state
+    (loss, inter), grads = jax.value_and_grad(mac_loss, has_aux=True)(
+        params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params,
+                                   intermediates=inter)
+    return (_apply_updates(params, updates, lr), opt_state), loss
+
+  return Trainer(name, init, jax.jit(step, donate_argnums=0), lambda s: s[1])
+
+
 def make_trainer(name: str, model, *, kfac_inverse_every=KFAC_INVERSE_EVERY,
                  kfac_damping=KFAC_DAMPING, plan=None) -> Trainer:
   """The train step of optimizer `name` for linen `model` (softmax CE).
@@ -75,58 +133,16 @@ def make_trainer(name: str, model, *, kfac_inverse_every=KFAC_INVERSE_EVERY,
       kernels; None builds MAC from the capture's shapes instead.
   """
 
-  def loss_fn(params, batch):
-    x, y = batch
-    return cross_entropy(model.apply({'params': params}, x), y)
-
   if name in ('sgd', 'adamw'):
-    tx = (optax.sgd(1.0, momentum=MOMENTUM) if name == 'sgd'
-          else optax.adamw(1.0, weight_decay=ADAMW_WD))
-
-    def init(params, batch):
-      del batch
-      return params, tx.init(params)
-
-    def step(state, batch, lr):
-      params, opt_state = state
-      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (_apply_updates(params, updates, lr), opt_state), loss
-
-    return Trainer(name, init, jax.jit(step, donate_argnums=0),
-                   lambda s: s[1])
+    return optax_trainer(name, optax.sgd(1.0, momentum=MOMENTUM)
+                         if name == 'sgd'
+                         else optax.adamw(1.0, weight_decay=ADAMW_WD), model)
 
   if name == 'mac':
-    tx = mac_optax.mac_sgd(1.0, MOMENTUM, damping=MAC_DAMPING,
-                           stat_decay=MAC_STAT_DECAY, plan=plan)
-
-    def mac_loss(params, batch):
-      x, y = batch
-      with mac_optax.linen.capture():
-        logits, captured = model.apply({'params': params}, x,
-                                       mutable=['intermediates'])
-      return cross_entropy(logits, y), captured['intermediates']
-
-    def init(params, batch):
-      if plan is not None:   # the plan already holds every layer's shapes
-        return params, tx.init(params)
-      # Build the full per-layer state up front (no lazy extra trace).
-      like = jax.eval_shape(lambda p: mac_loss(p, batch)[1], params)
-      global_tx = mac_optax.mac_sgd(1.0, MOMENTUM, damping=MAC_DAMPING,
-                                    stat_decay=MAC_STAT_DECAY,
-                                    intermediates_like=like)
-      return params, global_tx.init(params)
-
-    def step(state, batch, lr):
-      params, opt_state = state
-      (loss, inter), grads = jax.value_and_grad(mac_loss, has_aux=True)(
-          params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params,
-                                     intermediates=inter)
-      return (_apply_updates(params, updates, lr), opt_state), loss
-
-    return Trainer(name, init, jax.jit(step, donate_argnums=0),
-                   lambda s: s[1])
+    return mac_trainer(
+        name, lambda **kw: mac_optax.mac_sgd(
+            1.0, MOMENTUM, damping=MAC_DAMPING, stat_decay=MAC_STAT_DECAY,
+            **kw), model, plan)
 
   if name == 'kfac':
     import kfac_jax  # pylint: disable=g-import-not-at-top
