@@ -220,13 +220,27 @@ class _Patch:
   active: bool = True
 
 
+def _options_for(patch: _Patch, module: nnx.Module
+                 ) -> Optional[capture_core.Options]:
+  """The capture options a patched call of `module` works under, or None.
+
+  None (run the original method untouched) when the patch was retired, no
+  capture is open in this thread, or ``nnx.capture`` is not collecting from
+  `module`.
+  """
+  options = _OPEN.current()
+  if not patch.active or options is None or not _collecting(module):
+    return None
+  return options
+
+
 def _stat_wrapper(patch: _Patch, statistic: Callable) -> Callable:
   original = patch.original
 
   @functools.wraps(original)
   def wrapper(self, *args, **kwargs):
-    options = _OPEN.current()
-    if not patch.active or options is None or not _collecting(self):
+    options = _options_for(patch, self)
+    if options is None:
       return original(self, *args, **kwargs)
     found = statistic(self, args, kwargs, options)
     if found is None:
@@ -249,8 +263,8 @@ def _attention_wrapper(patch: _Patch) -> Callable:
 
   @functools.wraps(original)
   def wrapper(self, *args, **kwargs):
-    options = _OPEN.current()
-    if not patch.active or options is None or not _collecting(self):
+    options = _options_for(patch, self)
+    if options is None:
       return original(self, *args, **kwargs)
     decode = kwargs.get('decode')
     decode = self.decode if decode is None else decode
