@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import mac_optax
+from tests import small_mlp
 from tests.test_alias import _problem
 from tests.test_presets import _tiny_problem
 
@@ -138,3 +139,54 @@ def test_each_preset_wrapped_by_inject_hyperparams_equals_the_preset(name):
   _assert_same(injected, plain)
   assert any(np.abs(u).max() > 0 for u in jax.tree.leaves(injected[-1]))
   assert {'learning_rate', 'weight_decay', 'damping'} <= set(state.hyperparams)
+
+
+@pytest.fixture(scope='module')
+def mlp_batches():
+  """A linen MLP, its plan and three batches of gradients and statistics."""
+  rng = np.random.default_rng(1)
+  xs = rng.normal(size=(3, 8, 5)).astype(np.float32) + 0.5
+  ys = rng.integers(0, 3, size=(3, 8)).astype(np.int32)
+  params = small_mlp.random_params(xs[0])
+  plan = mac_optax.linen.plan(small_mlp.Mlp(), {'params': params}, xs[0])
+  batches = [small_mlp.grads_and_statistics(params, x, y)
+             for x, y in zip(xs, ys)]
+  return params, plan, batches
+
+
+@pytest.mark.parametrize('kwargs', [
+    {}, dict(momentum=0.0), dict(momentum=0.0, nesterov=True),
+    dict(weight_decay=0.0, decoupled_weight_decay=True),
+    dict(weight_decay=0.0, weight_decay_mask=mac_optax.presets.matrix_mask),
+    dict(weight_decay=1e-2, momentum=0.5),
+], ids=['defaults', 'no_momentum', 'nesterov_no_momentum',
+        'decoupled_no_decay', 'masked_no_decay', 'decay_and_momentum'])
+def test_injected_mac_sgd_has_the_updates_and_the_inner_state_of_mac_sgd(
+    mlp_batches, kwargs):
+  """optax's conformance check: same updates and same inner state."""
+  params, plan, batches = mlp_batches
+  kwargs = dict(kwargs, plan=plan)
+  injected = optax.inject_hyperparams(
+      mac_optax.mac_sgd, static_args=('weight_decay_mask',))(
+          learning_rate=0.1, **kwargs)
+  plain = mac_optax.mac_sgd(0.1, **kwargs)
+  states = [injected.init(params), plain.init(params)]
+  assert (jax.tree.structure(states[0].inner_state)
+          == jax.tree.structure(states[1]))
+  steps = [jax.jit(injected.update), jax.jit(plain.update)]
+  p = [params, params]
+  for grads, inter in batches:
+    out = [step(grads, state, q, intermediates=inter)
+           for step, state, q in zip(steps, states, p)]
+    (u_inj, s_inj), (u_plain, s_plain) = out
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                         atol=1e-7),
+                 u_inj, u_plain)
+    assert (jax.tree.structure(s_inj.inner_state)
+            == jax.tree.structure(s_plain))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                         atol=1e-7),
+                 s_inj.inner_state, s_plain)
+    states = [s_inj, s_plain]
+    p = [optax.apply_updates(q, u) for q, u in zip(p, (u_inj, u_plain))]
+  assert any(np.abs(u).max() > 0 for u in jax.tree.leaves(u_plain))

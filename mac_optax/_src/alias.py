@@ -16,12 +16,16 @@ def _is_off(value: Any) -> bool:
   """True for ``None`` or a Python/NumPy scalar equal to 0.
 
   Arrays (what ``optax.inject_hyperparams`` passes, traced or not) always
-  count as on, so ``init`` and ``update`` build the same chain whatever the
-  value is.
+  count as on.
   """
   if value is None:
     return True
   return isinstance(value, numbers.Number) and value == 0
+
+
+def _unchanged(updates, state, params=None):
+  del params
+  return updates, state
 
 
 def _mac_kwargs(**kwargs: Any) -> dict[str, Any]:
@@ -78,9 +82,13 @@ def mac_sgd(
 
   Args:
     learning_rate: a float or an optax schedule.
-    momentum: heavy-ball momentum ``μ`` (``0`` or ``None`` disables it).
+    momentum: heavy-ball momentum ``μ``; ``None`` disables it (``0``, as in
+      ``optax.sgd``, keeps a trace that does not decay: the state is then
+      the same as under ``inject_hyperparams``, which passes an array).
     nesterov: Nesterov momentum.
-    weight_decay: ``wd`` (``0`` disables it).
+    weight_decay: ``wd`` (``0`` or ``None`` adds nothing; the chain keeps
+      the step's empty state, so wrapped in ``inject_hyperparams``, where
+      ``0`` becomes an array, it has the same state).
     decoupled_weight_decay: ``True`` for decoupled (AdamW-style, ImageNet and
       nanoGPT recipes), ``False`` for coupled L2 (CIFAR recipe).
     weight_decay_mask: a pytree of bools or a function of the params choosing
@@ -125,17 +133,21 @@ def mac_sgd(
       exact_inverse=exact_inverse, axis_name=axis_name, stat_dtype=stat_dtype,
       intermediates_like=intermediates_like, exact_layers=exact_layers,
       optional_layers=optional_layers))
+  # The chain's structure depends on no value: `inject_hyperparams` turns the
+  # default weight decay 0.0 into an array, whose step stays in the chain, and
+  # the wrapped and the plain optimizer must have the same state.
   decay = optax.add_decayed_weights(weight_decay, mask=weight_decay_mask)
-  decays = not _is_off(weight_decay)
+  if _is_off(weight_decay):
+    decay = optax.GradientTransformation(decay.init, _unchanged)
   parts = []
   if clip_norm is not None:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(mac)
-  if decays and not decoupled_weight_decay:
+  if not decoupled_weight_decay:
     parts.append(decay)
-  if not _is_off(momentum):
+  if momentum is not None:
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-  if decays and decoupled_weight_decay:
+  if decoupled_weight_decay:
     parts.append(decay)
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)

@@ -14,7 +14,9 @@ used), and ``U`` is recomputed with the transform's own per-layer function
 (the same rank-one apply as ``update``, ``O(d_in·d_out)``), or taken
 from ``preconditioned=`` if you have it. Everything is a pure function of
 arrays: call it inside your jitted train step and return the figures with
-the metrics; nothing is recompiled, no host callback.
+the metrics; nothing is recompiled, no host callback. :func:`counters`
+reports the steps and statistics MAC could not use (invalid traced
+hyperparameters, non-finite statistics).
 
 Example::
 
@@ -173,4 +175,24 @@ def summary(figures: dict[str, LayerFigures]) -> dict[str, jax.Array]:
     out[f'{key}/shrink'] = jnp.mean(fig.shrink)
     out[f'{key}/shrink_min'] = jnp.min(fig.shrink)
     out[f'{key}/cosine'] = jnp.mean(fig.cosine)
+  return out
+
+
+def counters(opt_state: Any) -> dict[str, jax.Array]:
+  """What MAC left out so far, as flat int32 scalars for a logger.
+
+  ``'invalid_steps'``: updates that were not preconditioned because a traced
+  hyperparameter (``damping``, ``stat_decay``, a cadence, e.g. from
+  ``optax.inject_hyperparams``) was out of range on that step; and
+  ``'<path>/skipped'`` per layer: statistics dropped as non-finite (summed
+  over stacked layers). Both should stay 0; read them from the state
+  returned by ``update``, inside or outside ``jit``.
+
+  Args:
+    opt_state: a state holding one :class:`mac_optax.MacState`.
+  """
+  state = find_mac_state(opt_state)
+  out = {'invalid_steps': state.invalid_steps}
+  for key, layer_state in state.layers.items():
+    out[f'{key}/skipped'] = jnp.sum(layer_state.skipped)
   return out

@@ -8,7 +8,8 @@ One statistic ``z_t`` per fold step::
 ``m`` starts at zero, so the correction makes ``ẑ`` an unbiased weighted mean
 from the first fold on (``ẑ = z_1`` after one fold). A statistic with a
 non-finite entry (a NaN batch) is skipped: the count does not advance, so one
-bad batch never poisons the preconditioner.
+bad batch never poisons the preconditioner; :func:`fold_counting` also says
+which statistics were dropped, so that callers can count them.
 """
 
 from __future__ import annotations
@@ -40,15 +41,27 @@ def fold(ema: Ema, value: jax.Array, decay, take) -> Ema:
     decay: ``β``, possibly traced.
     take: a boolean scalar (or ``[*S]``): fold on this step.
   """
+  return fold_counting(ema, value, decay, take)[0]
+
+
+def fold_counting(ema: Ema, value: jax.Array, decay, take
+                  ) -> tuple[Ema, jax.Array]:
+  """:func:`fold`, and the ``[*S]`` int32 statistics it dropped as non-finite.
+
+  A dropped statistic is one that ``take`` asked for but had a non-finite
+  entry (overflow, a NaN batch); its count lets a caller report it.
+  """
   value = value.astype(ema.mean.dtype)
   value_axes = tuple(range(ema.count.ndim, value.ndim))
   finite = jnp.all(jnp.isfinite(value), axis=value_axes)
+  dropped = jnp.logical_and(take, jnp.logical_not(finite))
   take = jnp.logical_and(take, finite)
   decay = jnp.asarray(decay, ema.mean.dtype)
   folded = decay * ema.mean + (1 - decay) * jnp.where(
       jnp.isfinite(value), value, 0)
   mean = jnp.where(_expand(take, value.ndim), folded, ema.mean)
-  return Ema(mean, ema.count + take.astype(jnp.int32))
+  return (Ema(mean, ema.count + take.astype(jnp.int32)),
+          dropped.astype(jnp.int32))
 
 
 def debiased(ema: Ema, decay) -> jax.Array:

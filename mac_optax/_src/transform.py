@@ -39,6 +39,7 @@ class LayerState(NamedTuple):
   count: jax.Array   # [*S] int32, statistics folded in so far
   used: jax.Array    # [*S, G, d_in] the ā the latest update preconditioned
                      # with (refreshed every `inv_every` steps)
+  skipped: jax.Array  # [*S] int32, statistics dropped as non-finite
 
 
 class MacState(NamedTuple):
@@ -46,13 +47,16 @@ class MacState(NamedTuple):
   step: jax.Array                  # [] int32, number of `update` calls
   damping: jax.Array               # [] the λ of the latest update
   layers: dict[str, LayerState]    # by layer key, 'Block_0/Dense_1'
+  invalid_steps: jax.Array         # [] int32, updates not preconditioned
+                                   # for an invalid traced hyperparameter
 
 
 def _empty_layer_state(shape, dtype) -> LayerState:
   # Distinct buffers: a jitted step may donate the state.
   return LayerState(mean=jnp.zeros(shape, dtype),
                     count=jnp.zeros(shape[:-2], jnp.int32),
-                    used=jnp.zeros(shape, dtype))
+                    used=jnp.zeros(shape, dtype),
+                    skipped=jnp.zeros(shape[:-2], jnp.int32))
 
 
 def _as_layer_state(key: str, value: Any) -> LayerState:
@@ -61,7 +65,7 @@ def _as_layer_state(key: str, value: Any) -> LayerState:
     return value
   if isinstance(value, Mapping):
     return LayerState(mean=value['mean'], count=value['count'],
-                      used=value['used'])
+                      used=value['used'], skipped=value['skipped'])
   raise ValueError(f"mac: the optimizer state has no entry for layer "
                    f"'{key}': was `init` called with the same plan?")
 
@@ -111,11 +115,18 @@ def _step_layer(layer_state: LayerState, calls, fold, refresh, stat_decay,
     batch_mean, fold = jnp.zeros_like(layer_state.mean), False
   else:
     batch_mean = _batch_mean(calls, dtype, axis_name)
-  folded = ema.fold(ema.Ema(layer_state.mean, layer_state.count), batch_mean,
-                    stat_decay, fold)
+  folded, dropped = ema.fold_counting(
+      ema.Ema(layer_state.mean, layer_state.count), batch_mean, stat_decay,
+      fold)
   used = jnp.where(refresh, ema.debiased(folded, stat_decay),
                    layer_state.used)
-  return LayerState(folded.mean, folded.count, used)
+  return LayerState(folded.mean, folded.count, used,
+                    layer_state.skipped + dropped)
+
+
+def _unless_invalid(ok, new: jax.Array, old: jax.Array) -> jax.Array:
+  """`new`, or `old` on a step whose traced hyperparameters are invalid."""
+  return new if ok is True else jnp.where(ok, new, old)
 
 
 def mac(    damping: float | jax.Array = 1.0,
@@ -233,7 +244,7 @@ def mac(    damping: float | jax.Array = 1.0,
                                                stat_dtype)
     return MacState(step=jnp.zeros([], jnp.int32),
                     damping=jnp.asarray(damping, stat_dtype),
-                    layers=layers)
+                    layers=layers, invalid_steps=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, *, intermediates=None, **extra):
     del params, extra
@@ -242,8 +253,13 @@ def mac(    damping: float | jax.Array = 1.0,
     known = plan_for(updates) or _plan_from_step(updates, intermediates)
     pairings = plan_lib.pair(known, updates, intermediates, optional_layers)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
-    fold = state.step % cov_every == 0
-    refresh = state.step % inv_every == 0
+    # Traced hyperparameters are checked here (concrete ones were at
+    # construction): a step with an invalid one folds nothing, refreshes
+    # nothing and passes the gradients of MAC layers through.
+    ok = hyperparameters.valid(damping=damping, stat_decay=stat_decay,
+                               cov_every=cov_every, inv_every=inv_every)
+    fold = jnp.logical_and(state.step % cov_every == 0, ok)
+    refresh = jnp.logical_and(state.step % inv_every == 0, ok)
     new_layers = dict(state.layers)
     for p in pairings:
       key = p.layer.key
@@ -262,13 +278,16 @@ def mac(    damping: float | jax.Array = 1.0,
           p.layer.layout, leaves[p.kernel_index],
           None if p.bias_index is None else leaves[p.bias_index],
           layer_state.used, damping, exact_inverse=exact_inverse)
-      leaves[p.kernel_index] = kernel
+      leaves[p.kernel_index] = _unless_invalid(ok, kernel,
+                                               leaves[p.kernel_index])
       if bias is not None:
-        leaves[p.bias_index] = bias
+        leaves[p.bias_index] = _unless_invalid(ok, bias, leaves[p.bias_index])
     exact_lib.precondition_exact(exact, updates, leaves)
     new_state = MacState(step=optax.safe_increment(state.step),
                          damping=jnp.asarray(damping, stat_dtype),
-                         layers=new_layers)
+                         layers=new_layers,
+                         invalid_steps=state.invalid_steps + jnp.logical_not(
+                             ok).astype(jnp.int32))
     return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
