@@ -172,8 +172,18 @@ def mac(    damping: float | jax.Array = 1.0,
   shapes of the captured statistics) builds the complete state in ``init``
   without a plan.
 
+  Hyperparameters are single numbers, checked at construction. Traced ones
+  (``optax.inject_hyperparams`` under ``jit``, schedules) are checked by the
+  compiled step instead: on a step where ``damping`` is not a finite
+  ``λ > 0``, ``stat_decay`` not in ``[0, 1)`` or a cadence not a positive
+  integer, the MAC layers' gradients pass through unpreconditioned, no
+  statistic is folded and ``â`` is not refreshed (``exact_layers`` are
+  preconditioned as usual), and ``MacState.invalid_steps`` counts the step.
+  A statistic with a non-finite entry is never folded; ``LayerState.skipped``
+  counts them. :func:`mac_optax.diagnostics.counters` reads both.
+
   Args:
-    damping: ``λ > 0``.
+    damping: ``λ > 0``, a float or a scalar array.
     stat_decay: ``β ∈ [0, 1)``, decay of the EMA of mean inputs.
     plan: the model's :class:`mac_optax.LayerPlan` (recommended).
     cov_every: fold the batch statistics into the EMA only on steps
