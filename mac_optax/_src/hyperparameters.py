@@ -15,8 +15,8 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-_SCALAR = ('a Python float, or a 0-d array (what optax.inject_hyperparams '
-           'passes)')
+_SCALAR = ('a Python number or a 0-d array, as optax.inject_hyperparams '
+           'passes')
 _SCHEDULE = ('one value applies to every layer; to change it during '
              'training, wrap the optimizer in optax.inject_hyperparams and '
              'give a schedule')
