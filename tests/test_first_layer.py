@@ -196,3 +196,34 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match='no batches'):
     first_layer.input_second_moment(model, {'params': params}, [], 'conv',
                                     progress=False)
+
+
+def test_exact_first_layer_runs_without_tqdm():
+  """tqdm is not a dependency: the default path must not import it."""
+  import subprocess
+  import sys
+  import textwrap  # pylint: disable=g-import-not-at-top,multiple-imports
+  code = textwrap.dedent("""
+      import sys
+      sys.modules['tqdm'] = None          # any tqdm import now fails
+      import flax.linen as nn, jax, numpy as np
+      from mac_optax import first_layer
+      model = nn.Sequential([nn.Dense(2), nn.relu, nn.Dense(1)])
+      x = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+      variables = model.init(jax.random.key(0), x)
+      exact = first_layer.exact_first_layer(model, variables, [x[:4], x[4:]],
+                                            'layers_0', damping=1.0)
+      a = np.concatenate([x, np.ones((6, 1))], axis=1).astype(np.float64)
+      want = np.linalg.inv(a.T @ a / 6 + np.eye(4))
+      np.testing.assert_allclose(exact['layers_0'][0], want, rtol=1e-5, atol=1e-6)
+      try:
+        first_layer.exact_first_layer(model, variables, [x], 'layers_0',
+                                      progress=True)
+      except ImportError as e:
+        assert 'pip install tqdm' in str(e) and 'progress=False' in str(e), e
+      else:
+        raise AssertionError('progress=True without tqdm did not raise')
+  """)
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]

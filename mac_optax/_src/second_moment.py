@@ -153,7 +153,7 @@ def input_second_moment(
     *,
     inputs_fn: Callable[[Any], Any] = _default_inputs,
     apply_kwargs: Optional[Mapping[str, Any]] = None,
-    progress: bool = True,
+    progress: bool = False,
     total: Optional[int] = None,
 ) -> SecondMoment:
   """``Σ = E[a aᵀ]`` of the inputs of the layer at ``path``, over a dataset.
@@ -170,7 +170,8 @@ def input_second_moment(
     inputs_fn: batch -> the model's positional input (default: ``batch[0]``
       of a tuple, ``batch['image']`` of a dict, else the batch itself).
     apply_kwargs: extra keyword arguments of ``model.apply`` (``train=False``).
-    progress: show a tqdm progress bar.
+    progress: show a progress bar; needs ``tqdm``, which is not a dependency
+      of mac_optax (``pip install tqdm``).
     total: the number of batches, for the progress bar.
 
   Returns:
@@ -180,6 +181,7 @@ def input_second_moment(
   Raises:
     ValueError: no Dense/DenseGeneral/Conv layer is called at ``path`` (the
       message lists the layers that are), or ``batches`` is empty.
+    ImportError: ``progress=True`` without ``tqdm`` installed.
 
   Example:
     >>> moment = input_second_moment(model, variables, loader, 'Conv_0')
@@ -222,7 +224,13 @@ def input_second_moment(
 
   iterator = iter(batches)
   if progress:
-    import tqdm  # pylint: disable=g-import-not-at-top
+    try:
+      import tqdm  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(
+          f"mac: input_second_moment('{key}', progress=True) shows its "
+          "progress bar with tqdm, which is not installed: `pip install "
+          "tqdm`, or pass progress=False (the default).") from e
     iterator = tqdm.tqdm(iterator, total=total,
                          desc=f'second moment of {key}', leave=False)
   accumulated, rows = None, 0
@@ -297,6 +305,22 @@ def exact_first_layer(model: nn.Module, variables: Any,
                       damping: float = 1.0, *, form: str = 'inverse',
                       **kwargs: Any) -> dict[str, np.ndarray]:
   """:func:`input_second_moment` then :func:`exact_preconditioner`, one call.
+
+  Needs only mac_optax's own dependencies; ``progress=True`` (a progress bar
+  over ``batches``) also needs ``tqdm``.
+
+  Args:
+    model: a linen module.
+    variables: its variables (``{'params': ..., 'batch_stats': ...}``).
+    batches: an iterable of batches, as for :func:`input_second_moment`.
+    path: the layer's module path, ``'Conv_0'`` or ``'Stem/Conv_0'``.
+    damping: ``λ > 0`` added to the diagonal of ``Σ``.
+    form: ``'inverse'`` or ``'cholesky'`` (:func:`exact_preconditioner`).
+    **kwargs: :func:`input_second_moment`'s keywords (``inputs_fn``,
+      ``apply_kwargs``, ``progress``, ``total``).
+
+  Returns:
+    ``{path: P}``, ready for ``mac(exact_layers=...)``.
 
   Example:
     >>> exact = exact_first_layer(model, variables, train_batches, 'Conv_0')
