@@ -34,11 +34,13 @@ def test_docs_page_python_blocks_run(page):
     assert table in printed, f'{page.name}: table differs from print(plan)'
 
 
-def test_getting_started_shows_linen_nnx_and_train_state():
+def test_getting_started_shows_linen_nnx_train_state_and_batch_norm():
   code = '\n'.join(c for _, c in markdown_snippets.python_blocks(
       DOCS / 'getting_started.md'))
   for needle in ('mac_linen.capture()', 'mac_nnx.capture()',
-                 'mac_optax.TrainState', 'intermediates=inter'):
+                 'mac_optax.TrainState', 'intermediates=inter',
+                 "mutable=['batch_stats', 'intermediates']",
+                 "rngs={'dropout': key}", 'nn.BatchNorm', 'nn.Dropout'):
     assert needle in code, needle
 
 
@@ -56,3 +58,28 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
       capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
   assert (tmp_path / 'html' / 'api.html').exists()
+
+
+def _ci_command(name: str) -> str:
+  """The README command that .ci/run greps for (`TEST`, `DOCS`), as a regex."""
+  script = (DOCS.parent / '.ci' / 'run').read_text(encoding='utf-8')
+  pattern = re.search(rf'^{name}_PATTERN="(.*)"$', script, re.M).group(1)
+  assert f'grep -m1 -E -- "${name}_PATTERN" README.md' in script, name
+  return pattern.replace('\\$', '$')   # the shell's escape of `$`
+
+
+@pytest.mark.parametrize('name', ['TEST', 'DOCS'])
+def test_readme_holds_the_commands_ci_runs(name):
+  """CI runs the README's test and docs commands as written there."""
+  readme = (DOCS.parent / 'README.md').read_text(encoding='utf-8')
+  assert re.search(_ci_command(name), readme, re.M), name
+
+
+def test_docs_index_and_readme_link_the_guides():
+  readme = (DOCS.parent / 'README.md').read_text(encoding='utf-8')
+  index = (DOCS / 'index.md').read_text(encoding='utf-8')
+  docs_command = re.search(_ci_command('DOCS'), readme, re.M).group(0)
+  assert docs_command in index
+  assert '(docs/when_to_use_mac.md)' in readme
+  assert '(docs/hyperparameters.md)' in readme
+  assert 'Muon' in readme.split('## Benchmarks')[1].split('\n## ')[0]

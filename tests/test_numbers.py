@@ -4,6 +4,8 @@
   docs/benchmarks.md before its examples section) appear verbatim in
   benchmarks/RESULTS.md, which benchmarks/run.py writes (not rerun here: hours
   of CPU).
+- The learning-rate table of docs/hyperparameters.md is the "best lr" column
+  of RESULTS.md's §5 and §5b tables, row by row.
 - Example numbers (docs/benchmarks.md, section Examples) are quoted
   as the rows an example prints, cut before the wall-clock column, each under
   the exact command that prints them. The fast test checks that pairing; the
@@ -119,3 +121,33 @@ def test_quoted_example_reproduces(command, tmp_path):
   for row in rows:
     assert any(line.startswith(row) for line in printed), (
         f'{command} no longer prints {row!r}; it printed:\n{result.stdout}')
+
+
+def best_learning_rates(section_heading: str) -> dict[tuple[str, str], str]:
+  """``{(task, optimizer): best lr}`` from one convergence section of RESULTS."""
+  section = _section(RESULTS.read_text(encoding='utf-8'), section_heading)
+  found = {}
+  for task, body in re.findall(r'^### (\S+)\n(.*?)(?=^### |\Z)', section,
+                               re.S | re.M):
+    for optimizer, lr in re.findall(r'^\| ([^|]+?) \| ([0-9.]+) \|', body,
+                                    re.M):
+      found[(task, optimizer)] = lr
+  return found
+
+
+def test_hyperparameter_guide_quotes_the_best_learning_rates():
+  """docs/hyperparameters.md's learning-rate table is the report's "best lr"."""
+  runs = {'§5': best_learning_rates('## 5. Convergence on real data'),
+          '§5b': best_learning_rates(
+              '## 5b. Convergence with Muon and compositions (`peers` run)')}
+  assert ('pydoc-einsum-decoder', 'MAC→Adam') in runs['§5b'], runs['§5b']
+  page = (ROOT / 'docs' / 'hyperparameters.md').read_text(encoding='utf-8')
+  header, _, *rows = re.search(r'^\| task \| run \|.*?\n(?=\n)', page,
+                               re.S | re.M).group(0).splitlines()
+  optimizers = [c.strip() for c in header.strip('|').split('|')][2:]
+  assert optimizers == ['SGD-momentum', 'MAC', 'AdamW', 'MAC→Adam'], header
+  assert len(rows) == 9, rows
+  for row in rows:
+    task, run, *lrs = [c.strip() for c in row.strip('|').split('|')]
+    for optimizer, lr in zip(optimizers, lrs):
+      assert lr == runs[run].get((task, optimizer), '–'), (row, optimizer)
