@@ -57,6 +57,6 @@ def loss_fn(params):
 (loss, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 updates, state = tx.update(grads, state, params, intermediates=inter)
 assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+assert callable(mac_optax.nnx.plan)
 print('mac_optax', mac_optax.__version__, 'from the wheel: exact first layer',
-      exact['Conv_0'].shape, 'and one mac_sgd step, loss', f'{float(loss):.4f};',
-      mac_optax.nnx.plan.__name__, 'importable')
+      exact['Conv_0'].shape, 'and one mac_sgd step, loss', f'{float(loss):.4f}')

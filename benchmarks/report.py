@@ -94,7 +94,7 @@ def _speed(out, lines, summary):
     lines += ['Optimizers that could not run (error text as raised):', '']
     lines += [f'- {LABEL[o]} on {m}: `{t}`' for m, o, t in errors]
     lines.append('')
-  lines += ['Targets (issue 6): MAC ≤ 1.05× SGD-momentum and MAC ≤ AdamW, '
+  lines += ['Targets: MAC ≤ 1.05× SGD-momentum and MAC ≤ AdamW, '
             'on min times:', '']
   for m, e in sp['models'].items():
     mac, base, adamw = (e['opt'].get(k, {}) for k in ('mac', 'sgd', 'adamw'))
@@ -541,7 +541,7 @@ def _converge(out, lines, summary, outdir, plt, appendix, *,
             f' inverses every {steps.KFAC_INVERSE_EVERY} steps.', '']
   if issue15:
     lines += [
-        'Issue 15 additions: Muon (`optax.contrib.muon`, '
+        'Beyond §5\'s optimizers: Muon (`optax.contrib.muon`, '
         f'`consistent_rms={peers.MUON_RMS}`, weight decay '
         f'{steps.ADAMW_WD} on every parameter as AdamW; conv and multi-axis '
         'kernels as matrices via `MuonDimensionNumbers`), Muon (default '
