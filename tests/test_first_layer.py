@@ -227,3 +227,15 @@ def test_exact_first_layer_runs_without_tqdm():
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_root_layer_is_found_at_the_empty_path():
+  """A model that is itself the layer (``nn.Dense(...)``) has the path ''."""
+  model = nn.Dense(2)
+  x = _data((5, 3))
+  params = init_params(model, x)
+  moment = first_layer.input_second_moment(model, {'params': params}, [x], '')
+  a = np.concatenate([x, np.ones((5, 1))], axis=1).astype(np.float64)
+  np.testing.assert_allclose(moment.matrix[0], a.T @ a / 5, rtol=1e-5,
+                             atol=1e-6)
+  assert moment.has_bias and moment.rows == 5

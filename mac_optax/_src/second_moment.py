@@ -189,7 +189,7 @@ def input_second_moment(
     (1, 28, 28)
   """
   key = _path_key(path)
-  target = tuple(key.split('/'))
+  target = tuple(key.split('/')) if key else ()   # '': the model itself
   params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
   has_bias = (target + ('bias',)) in statistics.leaf_paths(params)
   seen: list[str] = []
