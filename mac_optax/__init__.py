@@ -19,6 +19,8 @@ from mac_optax._src.layout import KernelLayout
 from mac_optax._src.plan import LayerPlan
 from mac_optax._src.plan import PassedParam
 from mac_optax._src.plan import PlannedLayer
+from mac_optax._src.program_plan import plan
+from mac_optax._src.program_plan import with_statistics
 from mac_optax._src.statistics import ATTEND_MEAN
 from mac_optax._src.statistics import ATTENTION_MEAN
 from mac_optax._src.statistics import EINSUM_MEAN
@@ -76,6 +78,8 @@ __all__ = [
     'mac_sgd',
     'multi_steps',
     'nnx',
+    'plan',
     'presets',
     'smac',
+    'with_statistics',
 ]

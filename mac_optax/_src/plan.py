@@ -64,6 +64,11 @@ class PlannedLayer:
   statistic: str         # the sown name (mac_optax.MEAN, ...)
   kind: str              # 'dense', 'conv', 'attention_value', ...
   layout: KernelLayout   # the kernel's axis roles and the statistic's shape
+  # Layers found in a program (mac_optax.plan) name their leaves: the kernel
+  # and bias parameter paths ('Block_0/w'); None: `path`/<param>, `path`/bias.
+  kernel: Optional[str] = None
+  bias: Optional[str] = None
+  note: str = ''         # shown in the coverage table
 
   @property
   def key(self) -> str:
@@ -75,6 +80,22 @@ class PlannedLayer:
   @property
   def param(self) -> str:
     return statistics.PARAM[self.statistic]
+
+  @property
+  def kernel_leaf(self) -> statistics.Path:
+    """The kernel's parameter path."""
+    if self.kernel is not None:
+      return statistics.split(self.kernel)
+    return statistics.split(self.path) + (self.param,)
+
+  @property
+  def bias_leaf(self) -> Optional[statistics.Path]:
+    """The bias's parameter path, or None without a bias."""
+    if not self.has_bias:
+      return None
+    if self.kernel is not None:
+      return statistics.split(self.bias)
+    return statistics.split(self.path) + ('bias',)
 
   @property
   def has_bias(self) -> bool:
@@ -103,6 +124,9 @@ class LayerPlan:
   passed: tuple[PassedParam, ...] = ()
   intermediates_like: Any = dataclasses.field(default=None, compare=False,
                                               repr=False)
+  # mac_optax.plan's options (exclude, embed_lookup), for with_statistics.
+  program_options: Any = dataclasses.field(default=None, compare=False,
+                                           repr=False)
 
   def __post_init__(self):
     keys = [layer.key for layer in self.layers]
@@ -124,8 +148,8 @@ class LayerPlan:
   def preconditioned_params(self) -> int:
     counted, total = set(), 0
     for layer in self.layers:   # a tied table counts once
-      if (layer.path, layer.param) not in counted:
-        counted.add((layer.path, layer.param))
+      if layer.kernel_leaf not in counted:
+        counted.add(layer.kernel_leaf)
         total += layer.layout.param_count
     return total
 
@@ -144,7 +168,8 @@ class LayerPlan:
     rows = [('layer', 'kind', 'roles', 'd_in', 'groups', 'params')]
     for layer in self.layers:
       layout = layer.layout
-      rows.append((layer.key or '(root)', layer.kind, layout.roles(),
+      kind = f'{layer.kind} ({layer.note})' if layer.note else layer.kind
+      rows.append((layer.key or '(root)', kind, layout.roles(),
                    f'{layout.d_in:,}',
                    f'{layout.groups:,}', f'{layout.param_count:,}'))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -326,21 +351,8 @@ def _check_real(layer: PlannedLayer, leaves, *indices) -> None:
           'the layer with optax.masked / optax.partition.')
 
 
-def pair(plan: LayerPlan, grads: Any, intermediates: Any,
-         optional_layers: Sequence[str] = ()) -> list[Pairing]:
-  """Pairs each planned layer present in `grads` with its statistic, strictly.
-
-  Layers whose kernel is absent from `grads` (masked out by
-  ``optax.masked``/``optax.partition``) are skipped.
-
-  Raises:
-    ValueError: no statistic at all (the four usual causes), a planned layer
-      without its statistic (unless in `optional_layers`), a statistic the
-      plan does not know, a statistic of the wrong shape, a complex gradient.
-  """
-  leaves = jax.tree_util.tree_leaves(grads)
-  index = statistics.leaf_paths(grads)
-  found = statistics.sown_statistics(intermediates)
+def _check_known(plan: LayerPlan, found, index) -> None:
+  """Raises on a sown statistic the plan does not know."""
   planned = {(layer.path, layer.statistic) for layer in plan.layers}
   fused = {p for p, n in planned if n == statistics.ATTENTION_MEAN}
   # A statistic whose parameter is masked out of `grads` is not this
@@ -356,13 +368,52 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
         f'mac: statistics of layers the plan does not know: {unknown}. '
         'Build the plan from the same model, inputs and capture options '
         '(attention=, embed_lookup=) as the training step.')
+
+
+def _program_statistics(plan: LayerPlan, stats: Any) -> dict:
+  """The statistics of `mac_optax.with_statistics`, keyed like sown ones."""
+  if not isinstance(stats, Mapping) or not all(
+      isinstance(k, str) for k in stats):
+    raise ValueError(
+        'mac: this plan was built by mac_optax.plan(fn, params, ...); its '
+        'statistics are the dict `stats` returned by '
+        '`mac_optax.with_statistics(fn, plan)(params, ...)`, keyed by layer, '
+        f'got {type(stats).__name__}.')
+  unknown = sorted(set(stats) - set(plan.keys))
+  if unknown:
+    raise ValueError(
+        f'mac: statistics of layers the plan does not know: {unknown}. '
+        'Build the plan from the same function and inputs as the step.')
+  return {(statistics.split(key), statistics.PROGRAM): [value]
+          for key, value in stats.items()}
+
+
+def pair(plan: LayerPlan, grads: Any, intermediates: Any,
+         optional_layers: Sequence[str] = ()) -> list[Pairing]:
+  """Pairs each planned layer present in `grads` with its statistic, strictly.
+
+  Layers whose kernel is absent from `grads` (masked out by
+  ``optax.masked``/``optax.partition``) are skipped.
+
+  Raises:
+    ValueError: no statistic at all (the four usual causes), a planned layer
+      without its statistic (unless in `optional_layers`), a statistic the
+      plan does not know, a statistic of the wrong shape, a complex gradient.
+  """
+  leaves = jax.tree_util.tree_leaves(grads)
+  index = statistics.leaf_paths(grads)
+  if any(layer.kernel is not None for layer in plan.layers):
+    found = _program_statistics(plan, intermediates)
+  else:
+    found = statistics.sown_statistics(intermediates)
+    _check_known(plan, found, index)
   pairings, missing = [], []
   for layer in plan.layers:
-    path = tuple(layer.path.split('/')) if layer.path else ()
-    kernel_index = index.get(path + (layer.param,))
+    path = statistics.split(layer.path)
+    kernel_index = index.get(layer.kernel_leaf)
     if kernel_index is None:
       continue
-    bias_index = index.get(path + ('bias',)) if layer.has_bias else None
+    bias_index = index.get(layer.bias_leaf) if layer.has_bias else None
     _check_real(layer, leaves, kernel_index, bias_index)
     try:
       layer.layout.check_fits(

@@ -41,6 +41,9 @@ ATTENTION_MEAN = 'mac_attention_mean'
 ATTEND_MEAN = 'mac_attend_mean'
 LOOKUP_MEAN = 'mac_lookup_mean'
 EINSUM_MEAN = 'mac_einsum_mean'
+# Layers found in a traced program (`mac_optax.plan`): the statistic is
+# keyed by the layer, not sown, and the layer names its own leaves.
+PROGRAM = 'mac_program_mean'
 
 # sown name -> the parameter leaf it preconditions.
 PARAM = {MEAN: 'kernel', ATTENTION_MEAN: 'kernel', ATTEND_MEAN: 'embedding',
@@ -79,6 +82,10 @@ def leaf_paths(tree: Any) -> dict[Path, int]:
 
 def join(path: Path) -> str:
   return '/'.join(path)
+
+
+def split(path: str) -> Path:
+  return tuple(path.split('/')) if path else ()
 
 
 def strip_collection(intermediates: Any) -> Any:
