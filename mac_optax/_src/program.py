@@ -473,7 +473,14 @@ def _conv(ctx, level, eqn, values, trails):
                                        key=lambda i: names[i])]
   stat = jnp.transpose(patch, order).reshape(groups, -1)
   level.calls.append(_Call(key, level.id, stat))
-  return [out], [None], {}
+  # Only the feature axis is traced on (for the bias); the spatial axes are
+  # not token axes of the input.
+  out_spec = tuple(dn.out_spec)
+  out_axes = [()] * out.ndim
+  out_axes[out_spec[1]] = rhs_t.axes[rhs_spec[0]]
+  out_trail = Trail(('out', len(level.calls) - 1, level.id, key),
+                    tuple(out_axes))
+  return [out], [out_trail], {}
 
 
 def _gather(ctx, level, eqn, values, trails):

@@ -1,0 +1,246 @@
+"""Layers found in the traced program: plain JAX, custom Flax layers.
+
+Each model is written the way third-party code writes it (its own einsum
+module with a parameter `w`, kernels stored (out, in), a head applied by
+another module with a transposed table, a jitted model, raw lax.scan over
+NNX blocks). Each test asserts that >= 95% of the parameters are
+preconditioned and that MAC's update equals a float64 reference built from
+the layer inputs the test records itself (program_reference.py).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mac_optax
+from tests import program_reference as ref
+
+LAM = 0.5
+
+
+def mac_step(fn, params, args, plan):
+  """Gradients, MAC's update (stat_decay 0: â is this batch's ā), stats."""
+  tx = mac_optax.mac(LAM, 0.0, plan=plan)
+  state = tx.init(params)
+
+  def loss(p):
+    out, stats = mac_optax.with_statistics(fn, plan)(p, *args)
+    return 0.5 * jnp.sum(jnp.square(out)), stats
+
+  (_, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  plain = jax.grad(lambda p: 0.5 * jnp.sum(jnp.square(fn(p, *args))))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               grads, plain)
+  updates, _ = jax.jit(tx.update)(grads, state, params, intermediates=stats)
+  return grads, updates, stats
+
+
+def check_layer(grads, updates, kernel, bias, mean, in_axes, group_axis=None):
+  """The update of one layer against the float64 reference."""
+  get = lambda tree, path: tree if path is None else _at(tree, path)
+  g_bias = None if bias is None else get(grads, bias)
+  want_k, want_b = ref.update(get(grads, kernel), g_bias, mean, LAM, in_axes,
+                              group_axis)
+  ref.assert_close(get(updates, kernel), want_k)
+  if bias is not None:
+    ref.assert_close(get(updates, bias), want_b)
+
+
+def _at(tree, path):
+  for part in path.split('/'):
+    tree = tree[int(part)] if isinstance(tree, (list, tuple)) else tree[part]
+  return tree
+
+
+def _init(key, shape, scale=0.5):
+  return scale * jax.random.normal(key, shape)
+
+
+# ------------------------------------------------------------- plain JAX
+
+
+def test_plain_jax_mlp_with_out_in_kernels_and_lookup():
+  k = jax.random.split(jax.random.PRNGKey(0), 6)
+  params = {'embed': _init(k[0], (11, 6)),
+            'c_fc': {'w': _init(k[1], (8, 6)), 'b': _init(k[2], (8,))},
+            'proj': {'w': _init(k[3], (8, 5)), 'b': _init(k[4], (5,))}}
+  records = {}
+
+  def fn(p, ids):
+    x = p['embed'][ids]
+    records['c_fc'] = x
+    h = jnp.tanh(x @ p['c_fc']['w'].T + p['c_fc']['b'])   # (out, in)
+    records['proj'] = h
+    return jnp.einsum('btf,fo->bto', h, p['proj']['w']) + p['proj']['b']
+
+  ids = jax.random.randint(k[5], (3, 4), 0, 11)
+  plan = mac_optax.plan(fn, params, ids, embed_lookup=True)
+  assert plan.fraction == 1.0
+  assert plan['c_fc/w'].layout.roles() == 'oi'
+  assert plan['c_fc/w'].bias == 'c_fc/b'
+  fn(params, ids)   # records the inputs eagerly
+  seen = {k: np.asarray(v) for k, v in records.items()}
+  grads, updates, stats = mac_step(fn, params, (ids,), plan)
+  check_layer(grads, updates, 'c_fc/w', 'c_fc/b',
+              ref.rows_mean(seen['c_fc']), in_axes=(1,))
+  check_layer(grads, updates, 'proj/w', 'proj/b',
+              ref.rows_mean(seen['proj']), in_axes=(0,))
+  freq = np.bincount(np.asarray(ids).ravel(), minlength=11) / ids.size
+  ref.assert_close(stats['embed@lookup'][0], freq)
+  check_layer(grads, updates, 'embed', None, freq, in_axes=(0,))
+
+
+def _conv(x, w, stride, padding, dims):
+  return jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                      dimension_numbers=dims)
+
+
+def test_plain_jax_cnn_in_nhwc_and_nchw_layouts():
+  k = jax.random.split(jax.random.PRNGKey(1), 6)
+  params = {'conv1': {'kernel': _init(k[0], (3, 3, 2, 4)),   # HWIO
+                      'bias': _init(k[1], (4,))},
+            'conv2': {'weight': _init(k[2], (5, 4, 3, 3))},  # OIHW
+            'head': {'kernel': _init(k[3], (5, 3)), 'bias': _init(k[4], (3,))}}
+  records = {}
+
+  def fn(p, x):
+    records['conv1'] = x
+    h = _conv(x, p['conv1']['kernel'], 1, ((1, 1), (1, 1)),
+              ('NHWC', 'HWIO', 'NHWC')) + p['conv1']['bias']
+    h = jax.nn.relu(h)
+    records['conv2'] = h
+    h = _conv(jnp.transpose(h, (0, 3, 1, 2)), p['conv2']['weight'], 2,
+              'VALID', ('NCHW', 'OIHW', 'NCHW'))
+    h = jnp.mean(jax.nn.relu(h), axis=(2, 3))
+    records['head'] = h
+    return h @ p['head']['kernel'] + p['head']['bias']
+
+  x = jax.random.normal(k[5], (2, 7, 7, 2))
+  plan = mac_optax.plan(fn, params, x)
+  assert plan.fraction == 1.0
+  assert plan['conv1/kernel'].kind == 'conv'
+  assert plan['conv2/weight'].layout.roles() == 'oiii'
+  fn(params, x)
+  seen = {k: np.asarray(v) for k, v in records.items()}
+  grads, updates, _ = mac_step(fn, params, (x,), plan)
+  check_layer(grads, updates, 'conv1/kernel', 'conv1/bias',
+              ref.rows_mean(ref.conv_rows(seen['conv1'], (3, 3), 1, 1)),
+              in_axes=(0, 1, 2))
+  # OIHW: d_in runs over (I, H, W); the patches come as (H, W, I).
+  patch = ref.rows_mean(ref.conv_rows(seen['conv2'], (3, 3), 2))
+  patch = patch.reshape(3, 3, 4).transpose(2, 0, 1).reshape(-1)
+  check_layer(grads, updates, 'conv2/weight', None, patch, in_axes=(1, 2, 3))
+  check_layer(grads, updates, 'head/kernel', 'head/bias',
+              ref.rows_mean(seen['head']), in_axes=(0,))
+
+
+def test_no_layer_raises_with_every_reason():
+  params = {'scale': jnp.ones(3), 'table': jnp.ones((3, 3))}
+  fn = lambda p, x: x * p['scale'] + jnp.sum(p['table'] ** 2)
+  with pytest.raises(ValueError, match='no layer found') as e:
+    mac_optax.plan(fn, params, jnp.ones((2, 3)))
+  assert 'table (3, 3)' in str(e.value)
+  assert 'reaches no dot_general' in str(e.value)
+
+
+def test_exclude_passes_a_layer_through_with_its_reason():
+  params = {'a': jnp.ones((3, 4)), 'b': jnp.ones((4, 2))}
+  fn = lambda p, x: jnp.tanh(x @ p['a']) @ p['b']
+  plan = mac_optax.plan(fn, params, jnp.ones((2, 3)), exclude=['b'])
+  assert plan.keys == ('a',)
+  assert 'excluded by the user' in str(plan)
+  _, stats = mac_optax.with_statistics(fn, plan)(params, jnp.ones((2, 3)))
+  assert set(stats) == {'a'}
+
+
+def test_a_changed_program_is_refused_at_trace_time():
+  params = {'a': jnp.ones((3, 4)), 'b': jnp.ones((4, 2))}
+  plan = mac_optax.plan(lambda p, x: x @ p['a'], params, jnp.ones((2, 3)))
+  other = lambda p, x: jnp.tanh(x @ p['a']) @ p['b']
+  with pytest.raises(ValueError, match=r"not planned \['b'\]"):
+    mac_optax.with_statistics(other, plan)(params, jnp.ones((2, 3)))
+
+
+# ------------------------------------------------------------- Flax linen
+
+
+class Einsum(nn.Module):
+  """Third-party style: a parameter `w`, the equation given at call time."""
+  shape: tuple
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    w = self.param('w', nn.initializers.normal(0.5), self.shape)
+    return jnp.einsum(eqn, x, w)
+
+
+class GatedMlpBlock(nn.Module):
+  d: int = 6
+  f: int = 5
+
+  @nn.compact
+  def __call__(self, x):
+    gate_up = Einsum((2, self.d, self.f), name='gating')('btd,gdf->gbtf', x)
+    h = jax.nn.gelu(gate_up[0]) * gate_up[1]
+    return x + Einsum((self.f, self.d), name='down')('btf,fd->btd', h)
+
+
+class TiedLm(nn.Module):
+  vocab: int = 13
+  d: int = 6
+  jit: bool = True
+
+  @nn.compact
+  def __call__(self, ids):
+    table = self.param('embedding', nn.initializers.normal(1.0),
+                       (self.vocab, self.d))
+    x = jnp.take(table, ids, axis=0)
+    block = nn.jit(GatedMlpBlock) if self.jit else GatedMlpBlock
+    x = block(name='block')(x)
+    # The head as some model code writes it: another module's apply with
+    # the transposed table as its kernel.
+    return nn.Dense(self.vocab, use_bias=False).apply(
+        {'params': {'kernel': table.T}}, x)
+
+
+def _linen_inputs(model, variables, *args):
+  """The input of every custom-layer call, recorded by Flax's interceptor."""
+  seen = {}
+
+  def record(next_fun, args_, kwargs, context):
+    out = next_fun(*args_, **kwargs)
+    path = '/'.join(context.module.path)
+    if isinstance(context.module, Einsum):
+      seen[path] = np.asarray(args_[1])
+    elif isinstance(context.module, GatedMlpBlock):
+      seen[path + ':out'] = np.asarray(out)
+    return out
+
+  with nn.intercept_methods(record):
+    model.apply(variables, *args)
+  return seen
+
+
+def test_linen_einsum_module_gated_mlp_jit_and_tied_head():
+  model = TiedLm()
+  ids = jax.random.randint(jax.random.PRNGKey(2), (2, 5), 0, 13)
+  variables = model.init(jax.random.PRNGKey(3), ids)
+  params = variables['params']
+  fn = lambda p, ids: model.apply({'params': p}, ids)
+  fn(params, ids)   # the nn.jit trace is cached before the plan
+  plan = mac_optax.plan(fn, params, ids)
+  assert plan.fraction >= 0.95, plan
+  assert plan['embedding'].layout.roles() == 'oi'   # used as table.T
+  assert plan['block/gating/w'].layout.roles() == 'oio'
+  inputs = _linen_inputs(TiedLm(jit=False), variables, ids)
+  grads, updates, _ = mac_step(fn, params, (ids,), plan)
+  check_layer(grads, updates, 'block/gating/w', None,
+              ref.rows_mean(inputs['block/gating']), in_axes=(1,))
+  check_layer(grads, updates, 'block/down/w', None,
+              ref.rows_mean(inputs['block/down']), in_axes=(0,))
+  check_layer(grads, updates, 'embedding', None,
+              ref.rows_mean(inputs['block:out']), in_axes=(1,))
