@@ -244,3 +244,55 @@ def test_linen_einsum_module_gated_mlp_jit_and_tied_head():
               ref.rows_mean(inputs['block/down']), in_axes=(0,))
   check_layer(grads, updates, 'embedding', None,
               ref.rows_mean(inputs['block:out']), in_axes=(1,))
+
+
+# ------------------------------------------------------------- attention
+
+
+def _gqa_attention(p, x, heads=4, kv_heads=2, head_dim=3, records=None):
+  """Llama-style attention written by hand: softmax + einsum, GQA by repeat."""
+  b, t, _ = x.shape
+  q = (x @ p['wq']).reshape(b, t, heads, head_dim)
+  k = (x @ p['wk']).reshape(b, t, kv_heads, head_dim)
+  v = (x @ p['wv']).reshape(b, t, kv_heads, head_dim)
+  k = jnp.repeat(k, heads // kv_heads, axis=2)
+  v = jnp.repeat(v, heads // kv_heads, axis=2)
+  scores = jnp.einsum('bqhd,bthd->bhqt', q, k) / np.sqrt(head_dim)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  probs = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
+  if records is not None:
+    records['probs'] = probs
+  out = jnp.einsum('bhqt,bthd->bqhd', probs, v).reshape(b, t, -1)
+  return out @ p['wo']
+
+
+def test_hand_written_gqa_attention_gets_the_mixed_value_mean():
+  k = jax.random.split(jax.random.PRNGKey(4), 5)
+  d, heads, kv_heads, head_dim = 5, 4, 2, 3
+  params = {'wq': _init(k[0], (d, heads * head_dim)),
+            'wk': _init(k[1], (d, kv_heads * head_dim)),
+            'wv': _init(k[2], (d, kv_heads * head_dim)),
+            'wo': _init(k[3], (heads * head_dim, d))}
+  x = jax.random.normal(k[4], (2, 6, d))
+  fn = lambda p, x: _gqa_attention(p, x)
+  plan = mac_optax.plan(fn, params, x)
+  assert plan.fraction == 1.0
+  value = plan['wv']
+  assert value.kind == 'attention_value'
+  assert value.layout.stat_shape == (kv_heads, d)
+  assert plan['wk'].kind == plan['wq'].kind == 'dense'
+  records = {}
+  _gqa_attention(params, x, records=records)
+  probs = np.asarray(records['probs'], np.float64)         # [b, h, q, t]
+  xs = np.asarray(x, np.float64)
+  # The rows the value kernel sees: (P x) per query and query head; kv head
+  # g serves query heads [2g, 2g + 1].
+  mixed = np.einsum('bhqt,btd->bhqd', probs, xs)
+  mixed = mixed.reshape(2, kv_heads, heads // kv_heads, 6, d)
+  expected = mixed.transpose(1, 0, 2, 3, 4).reshape(kv_heads, -1, d).mean(1)
+  grads, updates, stats = mac_step(fn, params, (x,), plan)
+  ref.assert_close(stats['wv'], expected)
+  check_layer(grads, updates, 'wv', None, expected, in_axes=(0,),
+              group_axis=1)
+  check_layer(grads, updates, 'wq', None, ref.rows_mean(xs), in_axes=(0,))
+  check_layer(grads, updates, 'wk', None, ref.rows_mean(xs), in_axes=(0,))
