@@ -52,7 +52,12 @@ def check_layer(grads, updates, kernel, bias, mean, in_axes, group_axis=None):
 
 def _at(tree, path):
   for part in path.split('/'):
-    tree = tree[int(part)] if isinstance(tree, (list, tuple)) else tree[part]
+    if isinstance(tree, (list, tuple)):
+      tree = tree[int(part)]
+    elif hasattr(tree, '__getitem__'):
+      tree = tree[part]
+    else:   # an Equinox module
+      tree = getattr(tree, part)
   return tree
 
 

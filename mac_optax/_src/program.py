@@ -490,17 +490,12 @@ def _gather(ctx, level, eqn, values, trails):
   if trail is None or trail.source[0] != 'param':
     return [out], [None], {}
   leaf = trail.source[1]
-  dn = eqn.params['dimension_numbers']
-  table = values[0]
-  axis = dn.start_index_map[0] if len(dn.start_index_map) == 1 else None
-  simple = (axis is not None and tuple(dn.collapsed_slice_dims) == (axis,)
-            and not tuple(getattr(dn, 'operand_batching_dims', ()))
-            and all(s == (1 if a == axis else table.shape[a])
-                    for a, s in enumerate(eqn.params['slice_sizes'])))
-  if not simple:
+  axis, column = _lookup_axis(eqn, values[0])
+  if axis is None:
     _unmodellable(registry, leaf, 'a gather that is not a row lookup',
                   'gather')
     return [out], [None], {}
+  table = values[0]
   key = _kernel_key(registry, leaf, '@lookup')
   if not registry.embed_lookup:
     registry.pass_leaf(leaf, 'embedding lookup (plan(..., embed_lookup=True)'
@@ -525,10 +520,28 @@ def _gather(ctx, level, eqn, values, trails):
   if registry.add(Found(key, leaf, LOOKUP, layout,
                         tuple(s for _, s in trail.stack))) is None:
     return [out], [None], {}
-  ids = values[1][..., 0]
+  ids = values[1][..., column]
   stat = attention_lib.token_frequencies(ids, table.shape[axis])
   level.calls.append(_Call(key, level.id, stat))
   return [out], [None], {}
+
+
+def _lookup_axis(eqn, table) -> tuple[Optional[int], Optional[int]]:
+  """``(table axis, index column)`` of a row lookup ``table[ids]``, or Nones.
+
+  One axis is read one entry at a time, every other axis whole (their
+  start index is then 0), as ``table[ids]``, ``jnp.take`` and their
+  ``vmap``s produce.
+  """
+  dn = eqn.params['dimension_numbers']
+  sizes = eqn.params['slice_sizes']
+  partial = [a for a in range(table.ndim) if sizes[a] != table.shape[a]]
+  if (len(partial) != 1 or sizes[partial[0]] != 1
+      or tuple(getattr(dn, 'operand_batching_dims', ()))
+      or partial[0] not in dn.start_index_map
+      or not set(dn.collapsed_slice_dims) <= set(partial)):
+    return None, None
+  return partial[0], list(dn.start_index_map).index(partial[0])
 
 
 def _bias(ctx, level, trails, values) -> None:
@@ -550,6 +563,8 @@ def _bias(ctx, level, trails, values) -> None:
     return None
   mapping = list(found.layout.stack)
   for b in range(len(bias_t.stack), len(bias_shape)):
+    if bias_shape[b] == 1:
+      continue
     where = [i for i, labs in enumerate(bias_t.axes) if ('p', b) in labs]
     if len(where) != 1 or len(bias_t.axes[where[0]]) != 1:
       return None
