@@ -301,3 +301,49 @@ def test_hand_written_gqa_attention_gets_the_mixed_value_mean():
               group_axis=1)
   check_layer(grads, updates, 'wq', None, ref.rows_mean(xs), in_axes=(0,))
   check_layer(grads, updates, 'wk', None, ref.rows_mean(xs), in_axes=(0,))
+
+
+class EinsumAttention(nn.Module):
+  """Gemma-style: q, fused kv and output projections through `Einsum`."""
+  d: int = 6
+  heads: int = 2
+  head_dim: int = 3
+
+  @nn.compact
+  def __call__(self, x, records=None):
+    n, h, d = self.heads, self.head_dim, self.d
+    q = Einsum((n, d, h), name='q')('BTD,NDH->BTNH', x)
+    k, v = Einsum((2, n, d, h), name='kv')('BSD,CNDH->CBSNH', x)
+    logits = jnp.einsum('BTNH,BSNH->BNTS', q, k) / np.sqrt(h)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if records is not None:
+      records['probs'] = probs
+    out = jnp.einsum('BNTS,BSNH->BTNH', probs, v)
+    return Einsum((n, h, d), name='out')('BTNH,NHD->BTD', out)
+
+
+def test_linen_einsum_attention_with_fused_kv():
+  model = EinsumAttention()
+  x = jax.random.normal(jax.random.PRNGKey(6), (2, 5, 6))
+  params = model.init(jax.random.PRNGKey(7), x)['params']
+  fn = lambda p, x: model.apply({'params': p}, x)
+  plan = mac_optax.plan(fn, params, x)
+  assert plan.fraction == 1.0
+  kv = plan['kv/w']
+  assert kv.kind == 'attention_value' and kv.layout.roles() == 'ooio'
+  assert kv.layout.stat_shape == (2, 6)   # the k part, the v part
+  records = {}
+  model.apply({'params': params}, x, records)
+  probs = np.asarray(records['probs'], np.float64)     # [b, n, t, s]
+  xs = np.asarray(x, np.float64)
+  mixed = np.einsum('bnts,bsd->bntd', probs, xs).reshape(-1, 6).mean(0)
+  grads, updates, stats = mac_step(fn, params, (x,), plan)
+  expected = np.stack([ref.rows_mean(xs), mixed])
+  ref.assert_close(stats['kv/w'], expected)
+  check_layer(grads, updates, 'kv/w', None, expected, in_axes=(2,),
+              group_axis=0)
+  check_layer(grads, updates, 'q/w', None, ref.rows_mean(xs), in_axes=(1,))
+  attn = np.einsum('bnts,bsnh->btnh', probs, np.einsum(
+      'bsd,cndh->cbsnh', xs, np.asarray(params['kv']['w']))[1])
+  check_layer(grads, updates, 'out/w', None,
+              ref.rows_mean(attn.reshape(2, 5, -1)), in_axes=(0, 1))

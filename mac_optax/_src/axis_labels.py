@@ -10,7 +10,9 @@ casts, squeeze, broadcast — and keeps, for every axis of the value, the
   split it into ``sizes`` (a fused projection's heads);
 * ``('x', axis)``: an axis of a layer's input (its output keeps the input's
   batch and token axes);
-* ``('r', size)``: a new axis a broadcast added (a GQA repeat).
+* ``('r', size)``: a new axis a broadcast added (a GQA repeat);
+* ``('s', axis)``: what is left of a layer's output axis after slicing out
+  one part of a fused projection (the part is the trail's ``part``).
 
 An axis holds several labels when a reshape merged axes. Anything that
 mixes values (arithmetic, reductions, gathers) ends the trail.
@@ -33,11 +35,15 @@ class Trail:
   Attributes:
     source: ``('param', leaf index)`` or ``('out', layer call id)``.
     axes: the labels each axis of the value holds.
-    stack: parameter axes that ``scan`` slicing consumed (outermost first).
+    stack: ``(parameter axis, scan)`` that ``scan`` slicing consumed,
+      outermost first.
+    part: ``(kernel axis, start, stop)``: a layer output sliced to one part
+      of a fused projection (k or v of a fused kv), or None.
   """
   source: tuple
   axes: Axes
-  stack: tuple[int, ...] = ()
+  stack: tuple = ()
+  part: Optional[tuple[int, int, int]] = None
 
   def with_axes(self, axes: Sequence[tuple[Label, ...]]) -> Trail:
     return dataclasses.replace(self, axes=tuple(tuple(a) for a in axes))
@@ -113,6 +119,40 @@ def broadcast(trail: Trail, old: Sequence[int], new: Sequence[int],
   return trail.with_axes(axes)
 
 
+def take_part(trail: Trail, axis: int, start: int, stop: int, size: int
+              ) -> Optional[Trail]:
+  """A layer output sliced to ``[start, stop)`` of its axis ``axis``."""
+  if start == 0 and stop == size:
+    return trail
+  labels = trail.axes[axis]
+  kernel = [lab for lab in labels if lab[0] in 'ps?']
+  if not kernel:   # rows or tokens sliced away: they no longer line up
+    return trail.with_axes(trail.axes[:axis] + ((),) + trail.axes[axis + 1:])
+  if trail.part is not None or len(labels) != 1:
+    return None
+  lab = labels[0]
+  if lab[0] != 'p' or (len(lab) == 4 and lab[3] != 0):
+    return None
+  minor = 1 if len(lab) == 2 else math.prod(lab[2][1:])
+  part = (lab[1], start * minor, stop * minor)
+  axes = trail.axes[:axis] + ((('s', lab[1]),),) + trail.axes[axis + 1:]
+  return dataclasses.replace(trail, axes=axes, part=part)
+
+
+def slice_parts(trail: Trail, shape, starts, limits, strides
+                ) -> Optional[Trail]:
+  """``slice`` of a layer output (fused projections split by index)."""
+  if trail.source[0] != 'out':
+    return None
+  for axis, (a, b, n) in enumerate(zip(starts, limits, shape)):
+    if strides and strides[axis] not in (None, 1):
+      return None
+    trail = take_part(trail, axis, a, b, n)
+    if trail is None:
+      return None
+  return trail
+
+
 def propagate(name: str, params: dict, trail: Trail, in_shape, out_shape
               ) -> Optional[Trail]:
   """The trail of a layout-only primitive's output, or None if not one."""
@@ -131,6 +171,9 @@ def propagate(name: str, params: dict, trail: Trail, in_shape, out_shape
   if name == 'broadcast_in_dim':
     return broadcast(trail, in_shape, out_shape,
                      params['broadcast_dimensions'])
+  if name == 'slice':
+    return slice_parts(trail, in_shape, params['start_indices'],
+                       params['limit_indices'], params.get('strides'))
   return None
 
 

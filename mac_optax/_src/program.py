@@ -252,10 +252,24 @@ def _equation(ctx, level, eqn, values, trails):
                          'look inside (its layers are invisible)')
   if name in ('add', 'add_any'):
     return outs, [_bias(ctx, level, trails, values)], {}
+  if name == 'split' and trails[0] is not None:
+    return outs, _split_parts(trails[0], eqn.params, values[0].shape), {}
   return outs, [None] * len(outs), {}
 
 
 # --------------------------------------------------------------- layers
+
+
+def _split_parts(trail: Trail, params, shape) -> list:
+  """``jnp.split`` of a layer output: each piece a part (fused q/k/v)."""
+  if trail.source[0] != 'out':
+    return [None] * len(params['sizes'])
+  axis, start, out = params['axis'], 0, []
+  for size in params['sizes']:
+    out.append(axis_labels.take_part(trail, axis, start, start + size,
+                                     shape[axis]))
+    start += size
+  return out
 
 
 def _roles_of(trail: Trail, shape, role_of_axis: dict[int, str]
@@ -613,7 +627,19 @@ def _mix_attention(ctx, level, eqn, values, trails):
     _mixed_statistic(ctx, level, eqn, values, v_side, v_trail)
 
 
+def _is_head_group(lab, first_out: int) -> bool:
+  """A label that makes P's axis the column groups of the first output axis."""
+  return lab[0] == 'p' and lab[1] == first_out and (
+      len(lab) == 2 or lab[3] == 0)
+
+
 def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
+  """The attention-mixed mean ``mean_rows Σ_t w_t x_t`` of V's layer.
+
+  The rows are the queries, and the query heads each column serves; per
+  head group when the heads are the value kernel's first output axis,
+  one part of a fused projection's groups when V is a slice of it.
+  """
   registry = ctx.registry
   _, call_index, level_id, key = v_trail.source
   found = registry.found.get(key)
@@ -625,8 +651,18 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
     return plain('attention computed inside another transformation than '
                  'its value projection')
   call = level.calls[call_index]
-  if found.layout.batch or found.layout.stack:
+  layout = found.layout
+  if layout.batch or layout.stack:
     return plain('a value projection with batched or stacked kernel axes')
+  first_out = layout.outputs[0]
+  parts, part_index = 1, None
+  if v_trail.part is not None:
+    axis, start, stop = v_trail.part
+    width = stop - start
+    if (axis != first_out or layout.shape[axis] % width or start % width):
+      return plain('a fused projection split on an axis that is not its '
+                   'first output axis')
+    parts, part_index = layout.shape[axis] // width, start // width
   (contract_l, contract_r), (batch_l, batch_r) = eqn.params[
       'dimension_numbers']
   contract_v = (contract_l, contract_r)[v_side]
@@ -635,94 +671,68 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
   batch_p = (batch_l, batch_r)[1 - v_side]
   probs = jax.lax.stop_gradient(values[1 - v_side])
   dtype = mean_inputs.stat_dtype(probs.dtype)
-  # Every axis of P: x axis ('x', a), head group ('g', size) + repeats, or
-  # a query axis to average over.
+  # Each axis of P becomes: an input axis of x (batch or token), the head
+  # groups 'G' (with repeats around them), or rows to average over.
   letters = iter('abcdefhijklmnopqrstuvwyz')
-  p_letters, w_letters, w_sizes, reshape_to = [], [], [], []
-  group_axis, groups = None, 1
-  x_letter = {}
-  shape = found.layout.shape
-  first_out = found.layout.outputs[0]
+  p_letters, shape, x_letter, tokens = [], [], {}, set()
+  groups = None
   for pa in range(probs.ndim):
+    n = probs.shape[pa]
     if pa in contract_p:
       labs = v_trail.axes[contract_v[contract_p.index(pa)]]
-      letter = x_letter.setdefault(labs[0][1], next(letters))
-      p_letters.append(letter)
-      reshape_to.append((probs.shape[pa],))
-      w_letters.append(letter)
+      tokens.add(labs[0][1])
+      p_letters.append(x_letter.setdefault(labs[0][1], next(letters)))
+      shape.append(n)
       continue
-    if pa in batch_p:
-      labs = v_trail.axes[batch_v[batch_p.index(pa)]]
-      xs = [lab for lab in labs if lab[0] == 'x']
-      ps = [lab for lab in labs if lab[0] == 'p']
-      if xs and not ps:
-        if len(xs) != 1 or len(xs[0]) != 2:
-          return plain('a batch axis of the attention is a merged input axis')
-        letter = x_letter.setdefault(xs[0][1], next(letters))
-        p_letters.append(letter)
-        reshape_to.append((probs.shape[pa],))
-        w_letters.append(letter)
-        continue
-      if ps and not xs:
-        sizes, sub = [], []
-        for lab in labs:
-          if lab[0] == 'r':
-            sizes.append(lab[1])
-            sub.append(next(letters))
-          elif lab[0] == 'p' and lab[1] == first_out and (
-              len(lab) == 2 or lab[3] == 0):
-            if group_axis is not None:
-              return plain('two head axes')
-            groups = shape[first_out] if len(lab) == 2 else lab[2][0]
-            sizes.append(groups)
-            group_axis = 'G'
-            sub.append('G')
-          else:
-            return plain('the heads are not the first output axis of the '
-                         'value kernel')
-        p_letters.append(''.join(sub))
-        reshape_to.append(tuple(sizes))
-        continue
-      return plain('an attention batch axis mixes inputs and heads')
-    p_letters.append(next(letters))   # a query axis: averaged
-    reshape_to.append((probs.shape[pa],))
-  if found.layout.shape[first_out] % groups:
-    return plain('heads do not split the value kernel')
-  probs = probs.reshape(tuple(s for sizes in reshape_to for s in sizes))
-  flat_letters = ''.join(p_letters)
-  w_spec = ('G' if group_axis else '') + ''.join(
-      l for l in x_letter.values())
-  # mean of P over queries and repeats, per group, per x batch/token axis
-  w = jnp.einsum(f'{flat_letters}->{w_spec}', probs.astype(dtype),
-                 precision=_HIGHEST)
-  averaged = probs.size / max(w.size, 1)
-  w = w / averaged
-  rows = call.rows.astype(dtype)          # [*free, G0, d_in]
-  if rows.shape[-2] != 1:
-    return plain('a value projection with kernel batch axes')
-  rows = rows[..., 0, :]
-  row_letters = []
-  tokens = set()
-  for pa in contract_p:
-    tokens.add(v_trail.axes[contract_v[contract_p.index(pa)]][0][1])
-  batch_size = 1
+    labs = v_trail.axes[batch_v[batch_p.index(pa)]] if pa in batch_p else ()
+    xs = [lab for lab in labs if lab[0] == 'x']
+    if xs:
+      if len(labs) != 1 or len(xs[0]) != 2:
+        return plain('an attention batch axis merges the input\'s axes')
+      p_letters.append(x_letter.setdefault(xs[0][1], next(letters)))
+      shape.append(n)
+      continue
+    heads = [i for i, lab in enumerate(labs)
+             if part_index is None and _is_head_group(lab, first_out)]
+    if (len(heads) == 1 and groups is None
+        and all(lab[0] == 'r' for i, lab in enumerate(labs) if i != heads[0])):
+      lab = labs[heads[0]]
+      groups = layout.shape[first_out] if len(lab) == 2 else lab[2][0]
+      sub = ''.join('G' if i == heads[0] else next(letters)
+                    for i in range(len(labs)))
+      p_letters.append(sub)
+      shape.extend(groups if i == heads[0] else labs[i][1]
+                   for i in range(len(labs)))
+      continue
+    p_letters.append(next(letters))   # queries, heads shared by all columns
+    shape.append(n)
+  group = 'G' if groups else ''
+  w_spec = group + ''.join(x_letter.values())
+  probs = probs.astype(dtype).reshape(shape)
+  w = jnp.einsum(f"{''.join(p_letters)}->{w_spec}", probs, precision=_HIGHEST)
+  w = w / (probs.size / max(w.size, 1))   # the mean over rows
+  rows = call.rows.astype(dtype)[..., 0, :]          # [*free, d_in]
+  row_letters, batch = '', 1
   for xa, n in zip(call.free, rows.shape[:-1]):
-    letter = x_letter.get(xa)
-    if letter is None:
-      letter = next(letters)
-    row_letters.append(letter)
-    if xa not in tokens:
-      batch_size *= n
-  spec = f"{w_spec},{''.join(row_letters)}z->{'G' if group_axis else ''}z"
-  mixed = jnp.einsum(spec, w, rows, precision=_HIGHEST) / batch_size
-  if not group_axis:
+    row_letters += x_letter.get(xa) or next(letters)
+    batch *= 1 if xa in tokens else n
+  mixed = jnp.einsum(f'{w_spec},{row_letters}z->{group}z', w, rows,
+                     precision=_HIGHEST) / batch
+  if not groups:
     mixed = mixed[None]
+  new_groups = groups or parts
+  if layout.column_groups not in (1, new_groups):
+    return plain('its output is mixed with different groupings')
   try:
-    layout = dataclasses.replace(found.layout, column_groups=groups)
+    found.layout = dataclasses.replace(layout, column_groups=new_groups)
   except LayoutError:
-    return plain('heads do not split the value kernel')
-  found.layout, found.kind, found.note = layout, ATTENTION_VALUE, ''
-  call.contribution = mixed
+    return plain('the heads do not split the value kernel')
+  found.kind, found.note = ATTENTION_VALUE, ''
+  if part_index is None:
+    call.contribution = mixed
+  else:
+    base = _as_groups(call.contribution, found.layout)
+    call.contribution = base.at[part_index].set(mixed[0])
 
 
 # ------------------------------------------------------- sub-programs
