@@ -347,3 +347,69 @@ def test_linen_einsum_attention_with_fused_kv():
       'bsd,cndh->cbsnh', xs, np.asarray(params['kv']['w']))[1])
   check_layer(grads, updates, 'out/w', None,
               ref.rows_mean(attn.reshape(2, 5, -1)), in_axes=(0, 1))
+
+
+# ------------------------------------------------------- sub-programs
+
+
+@jax.custom_vjp
+def _own_kernel(x, w):
+  return x @ w
+
+
+_own_kernel.defvjp(
+    lambda x, w: (x @ w, (x, w)),
+    lambda r, g: (g @ r[1].T, jnp.einsum('...d,...e->de', r[0], g)))
+
+
+def _transformed(p, x):
+  """remat, cond, fori_loop, dot_product_attention, custom_vjp."""
+  h = jax.checkpoint(lambda h: jnp.tanh(h @ p['a']))(x)
+  h = jax.lax.cond(jnp.sum(x) > 0, lambda h: h @ p['b'],
+                   lambda h: 2.0 * h @ p['b'], h)
+  h = jax.lax.cond(jnp.sum(x) > 0, lambda h: h @ p['only_one_branch'],
+                   lambda h: h, h)
+  h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ p['loop']), h)
+  q, k, v = (jnp.einsum('btd,dnh->btnh', h, p[n]) for n in 'qkv')
+  o = jax.nn.dot_product_attention(q, k, v, is_causal=True).mean(2)
+  return _own_kernel(o, p['custom'])
+
+
+def test_sub_programs_are_followed_and_opaque_calls_named():
+  names = ('a', 'b', 'only_one_branch', 'loop', 'q', 'k', 'v', 'custom')
+  shapes = {'a': (4, 5), 'q': (5, 2, 3), 'k': (5, 2, 3), 'v': (5, 2, 3),
+            'custom': (3, 3)}
+  keys = jax.random.split(jax.random.PRNGKey(8), len(names) + 1)
+  params = {n: _init(k, shapes.get(n, (5, 5))) for n, k in zip(names, keys)}
+  x = jax.random.normal(keys[-1], (2, 4, 4))
+  plan = mac_optax.plan(_transformed, params, x)
+  assert plan.keys == ('a', 'b', 'k', 'loop', 'q', 'v')
+  assert plan['v'].kind == 'attention_value'
+  assert plan['v'].layout.stat_shape == (2, 5)   # one per head
+  reasons = {p.path: p.reason for p in plan.passed}
+  assert reasons['only_one_branch'] == (
+      'called in only some branches of a lax.cond')
+  assert 'enters `custom_vjp_call`' in reasons['custom']
+  loop = lambda p, x: jax.lax.while_loop(
+      lambda c: c[0] < 2, lambda c: (c[0] + 1, c[1] @ p['w']), (0, x))[1]
+  with pytest.raises(ValueError, match='enters `while`'):
+    mac_optax.plan(loop, {'w': jnp.ones((3, 3))}, jnp.ones((2, 3)))
+  grads, updates, stats = mac_step(_transformed, params, (x,), plan)
+  # The loop's layer is called twice: the mean of both inputs.
+  positive = bool(jnp.sum(x) > 0)
+  h = (1.0 if positive else 2.0) * jnp.tanh(x @ params['a']) @ params['b']
+  h = h @ params['only_one_branch'] if positive else h
+  h1 = jnp.tanh(h @ params['loop'])
+  ref.assert_close(stats['loop'][0], ref.rows_mean(
+      np.concatenate([np.asarray(h).reshape(-1, 5),
+                      np.asarray(h1).reshape(-1, 5)])))
+  h2 = np.asarray(jnp.tanh(h1 @ params['loop']), np.float64)
+  q = np.einsum('btd,dnh->btnh', h2, np.asarray(params['q']))
+  k = np.einsum('btd,dnh->btnh', h2, np.asarray(params['k']))
+  logits = np.einsum('bqnh,btnh->bnqt', q, k) / np.sqrt(3)
+  logits = np.where(np.tril(np.ones((4, 4), bool)), logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  mixed = np.einsum('bnqt,btd->nbqd', probs, h2).reshape(2, -1, 5).mean(1)
+  ref.assert_close(stats['v'], mixed)
+  check_layer(grads, updates, 'v', None, mixed, in_axes=(0,), group_axis=1)
