@@ -413,3 +413,20 @@ def test_sub_programs_are_followed_and_opaque_calls_named():
   mixed = np.einsum('bnqt,btd->nbqd', probs, h2).reshape(2, -1, 5).mean(1)
   ref.assert_close(stats['v'], mixed)
   check_layer(grads, updates, 'v', None, mixed, in_axes=(0,), group_axis=1)
+
+
+def test_diagnostics_and_the_quick_start_read_program_plans():
+  params = {'w': _init(jax.random.PRNGKey(9), (4, 3)), 'b': jnp.zeros(3)}
+  fn = lambda p, x: jnp.tanh(x @ p['w'] + p['b'])
+  x = jax.random.normal(jax.random.PRNGKey(10), (5, 4))
+  plan = mac_optax.plan(fn, params, x)
+  grads, updates, stats = mac_step(fn, params, (x,), plan)
+  tx = mac_optax.mac(LAM, 0.0, plan=plan)
+  _, state = tx.update(grads, tx.init(params), params, intermediates=stats)
+  figures = mac_optax.diagnostics.layer_figures(grads, state, plan=plan)
+  assert set(figures) == {'w'}
+  ref.assert_close(figures['w'].mean_norm, np.linalg.norm(stats['w'],
+                                                          axis=-1))
+  with pytest.raises(ValueError, match='plan='):
+    mac_optax.mac(LAM, 0.0).update(grads, mac_optax.mac().init(params),
+                                   params, intermediates=stats)

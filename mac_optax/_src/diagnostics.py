@@ -141,9 +141,8 @@ def layer_figures(
       layer = plan[key]
     else:
       layer = _inferred_layer(key, used, paths, leaves)
-    path = tuple(layer.path.split('/')) if layer.path else ()
-    kernel_index = paths[path + (layer.param,)]
-    bias_index = paths[path + ('bias',)] if layer.has_bias else None
+    kernel_index = paths[layer.kernel_leaf]
+    bias_index = paths[layer.bias_leaf] if layer.has_bias else None
     kernel = leaves[kernel_index].astype(used.dtype)
     bias = None if bias_index is None else leaves[bias_index].astype(
         used.dtype)

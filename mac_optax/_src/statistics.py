@@ -96,6 +96,13 @@ def strip_collection(intermediates: Any) -> Any:
   return intermediates
 
 
+def is_program_statistics(tree: Any) -> bool:
+  """A flat ``{layer key: array}`` dict, as ``with_statistics`` returns."""
+  return (isinstance(tree, dict) and bool(tree)
+          and all(isinstance(k, str) and hasattr(v, 'shape')
+                  for k, v in tree.items()))
+
+
 def sown_statistics(intermediates: Any) -> dict[tuple[Path, str], list]:
   """Every sown statistic: ``(layer path, name) -> [one entry per call]``."""
   found: dict[tuple[Path, str], list] = {}

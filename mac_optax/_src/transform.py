@@ -88,6 +88,11 @@ def _plan_from_step(grads: Any, intermediates: Any) -> plan_lib.LayerPlan:
       without a plan: refuse rather than silently skip MAC).
   """
   found = statistics.sown_statistics(intermediates)
+  if not found and statistics.is_program_statistics(intermediates):
+    raise ValueError(
+        'mac: these statistics come from mac_optax.with_statistics (keyed '
+        'by layer); pass the plan they were built with: '
+        'mac(plan=mac_optax.plan(fn, params, ...)).')
   if not found:
     raise ValueError(plan_lib.NO_STATISTICS)
   known = plan_lib.from_statistics(grads, intermediates,
