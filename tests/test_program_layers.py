@@ -430,3 +430,29 @@ def test_diagnostics_and_the_quick_start_read_program_plans():
   with pytest.raises(ValueError, match='plan='):
     mac_optax.mac(LAM, 0.0).update(grads, mac_optax.mac().init(params),
                                    params, intermediates=stats)
+
+
+def test_token_mask_averages_real_tokens_and_real_queries():
+  k = jax.random.split(jax.random.PRNGKey(11), 5)
+  d, heads, kv_heads, head_dim = 5, 4, 2, 3
+  params = {'wq': _init(k[0], (d, heads * head_dim)),
+            'wk': _init(k[1], (d, kv_heads * head_dim)),
+            'wv': _init(k[2], (d, kv_heads * head_dim)),
+            'wo': _init(k[3], (heads * head_dim, d))}
+  x = jax.random.normal(k[4], (2, 6, d))
+  mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+  fn = lambda p, x: _gqa_attention(p, x)
+  plan = mac_optax.plan(fn, params, x)
+  _, stats = jax.jit(lambda p, x, m: mac_optax.with_statistics(
+      fn, plan, token_mask=m)(p, x))(params, x, mask)
+  records = {}
+  _gqa_attention(params, x, records=records)
+  probs = np.asarray(records['probs'], np.float64)
+  xs, m = np.asarray(x, np.float64), np.asarray(mask, np.float64)
+  ref.assert_close(stats['wq'][0], (xs * m[..., None]).sum((0, 1)) / m.sum())
+  rows = np.einsum('bhqt,btd->bhqd', probs, xs) * m[:, None, :, None]
+  rows = rows.reshape(2, kv_heads, 2, 6, d).sum((0, 2, 3))
+  ref.assert_close(stats['wv'], rows / (2 * m.sum()))
+  with pytest.raises(ValueError, match='matches no layer input'):
+    mac_optax.with_statistics(fn, plan, token_mask=jnp.ones((2, 7), bool))(
+        params, x)

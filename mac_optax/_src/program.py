@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from mac_optax._src import attention as attention_lib
 from mac_optax._src import axis_labels
 from mac_optax._src import mean_inputs
+from mac_optax._src import token_mask as token_mask_lib
 from mac_optax._src.axis_labels import Trail
 from mac_optax._src.layout import KernelLayout
 from mac_optax._src.layout import LayoutError
@@ -67,6 +68,9 @@ class Registry:
   leaf_shapes: tuple[tuple[int, ...], ...]
   exclude: Callable[[str], bool]
   embed_lookup: bool = False
+  token_mask: Any = None         # [*batch, tokens], or None
+  masked: bool = False           # the mask matched some layer's rows
+  row_shapes: list = dataclasses.field(default_factory=list)
   found: dict[str, Found] = dataclasses.field(default_factory=dict)
   dropped: dict[str, str] = dataclasses.field(default_factory=dict)
   reasons: dict[int, str] = dataclasses.field(default_factory=dict)
@@ -403,7 +407,12 @@ def _dot_general(ctx, level, eqn, values, trails):
   rows, free, (groups, d_in) = _arranged_input(x, pairs, trail, shape)
   rows = jax.lax.stop_gradient(rows)
   flat = rows.reshape(rows.shape[:len(free)] + (groups * d_in,))
-  stat = mean_inputs.dense_mean(flat).reshape(groups, d_in)
+  mask = registry.token_mask
+  if token_mask_lib.row_weights(mask, flat.shape, range(flat.ndim - 1),
+                                jnp.float32) is not None:
+    registry.masked = True
+  registry.row_shapes.append(flat.shape[:-1])
+  stat = mean_inputs.dense_mean(flat, (-1,), mask).reshape(groups, d_in)
   call = _Call(key, level.id, stat, rows.reshape(
       rows.shape[:len(free)] + (groups, d_in)), free)
   level.calls.append(call)
@@ -466,6 +475,7 @@ def _conv(ctx, level, eqn, values, trails):
   x = values[0]
   channels_last = jnp.transpose(x, (lhs_spec[0],) + lhs_spec[2:] +
                                 (lhs_spec[1],))
+  token_mask_lib.check_not_conv(registry.token_mask, channels_last.shape, key)
   kernel_size = tuple(values[1].shape[a] for a in rhs_spec[2:])
   n = len(kernel_size)
   patch = mean_inputs.conv_mean_patch(
@@ -535,7 +545,10 @@ def _gather(ctx, level, eqn, values, trails):
                         tuple(s for _, s in trail.stack))) is None:
     return [out], [None], {}
   ids = values[1][..., column]
-  stat = attention_lib.token_frequencies(ids, table.shape[axis])
+  mask = registry.token_mask
+  if token_mask_lib.leads(mask, ids.shape):
+    registry.masked = True
+  stat = attention_lib.token_frequencies(ids, table.shape[axis], mask)
   level.calls.append(_Call(key, level.id, stat))
   return [out], [None], {}
 
@@ -674,7 +687,7 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
   # Each axis of P becomes: an input axis of x (batch or token), the head
   # groups 'G' (with repeats around them), or rows to average over.
   letters = iter('abcdefhijklmnopqrstuvwyz')
-  p_letters, shape, x_letter, tokens = [], [], {}, set()
+  p_letters, shape, x_letter, tokens, queries = [], [], {}, set(), []
   groups = None
   for pa in range(probs.ndim):
     n = probs.shape[pa]
@@ -706,16 +719,34 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
       continue
     p_letters.append(next(letters))   # queries, heads shared by all columns
     shape.append(n)
+    if pa not in batch_p:
+      queries.append((p_letters[-1], n))
   group = 'G' if groups else ''
   w_spec = group + ''.join(x_letter.values())
   probs = probs.astype(dtype).reshape(shape)
-  w = jnp.einsum(f"{''.join(p_letters)}->{w_spec}", probs, precision=_HIGHEST)
-  w = w / (probs.size / max(w.size, 1))   # the mean over rows
+  averaged = probs.size / max(probs.size // math.prod(
+      n for n, c in zip(shape, ''.join(p_letters)) if c not in w_spec), 1)
   rows = call.rows.astype(dtype)[..., 0, :]          # [*free, d_in]
-  row_letters, batch = '', 1
+  row_letters, batch, batch_letters, batch_shape = '', 1, '', ()
   for xa, n in zip(call.free, rows.shape[:-1]):
     row_letters += x_letter.get(xa) or next(letters)
-    batch *= 1 if xa in tokens else n
+    if xa not in tokens:
+      batch *= n
+      batch_letters += row_letters[-1]
+      batch_shape += (n,)
+  mask = registry.token_mask
+  if (mask is not None and len(queries) == 1
+      and batch_shape + (queries[0][1],) == tuple(mask.shape)):
+    # Real queries only: Σ_{b,q} m_bq Σ_t P_bqt x_bt / Σ m (and heads).
+    registry.masked = True
+    m = jax.lax.stop_gradient(mask != 0).astype(dtype)
+    w = jnp.einsum(f"{''.join(p_letters)},{batch_letters}{queries[0][0]}"
+                   f'->{w_spec}', probs, m, precision=_HIGHEST)
+    w = w / (averaged / queries[0][1])
+    batch = jnp.maximum(jnp.sum(m), 1.0)
+  else:
+    w = jnp.einsum(f"{''.join(p_letters)}->{w_spec}", probs,
+                   precision=_HIGHEST) / averaged   # the mean over rows
   mixed = jnp.einsum(f'{w_spec},{row_letters}z->{group}z', w, rows,
                      precision=_HIGHEST) / batch
   if not groups:
@@ -901,6 +932,14 @@ def run(fn: Callable, registry: Registry, params, args, kwargs):
   outs, _, nested = _evaluate(_Context(registry), level, closed.jaxpr,
                               list(closed.consts), flat, trails)
   totals = _finish(level, nested, registry)
+  mask = registry.token_mask
+  if mask is not None and not registry.masked:
+    raise ValueError(
+        f'mac: the token_mask of shape {tuple(mask.shape)} matches no layer '
+        'input: a masked input leads with the mask\'s shape [*batch, '
+        f'tokens] on its row axes; the layer inputs\' row axes here are '
+        f'{sorted(set(registry.row_shapes))}. Give the mask of the inputs\' '
+        '[batch, tokens] axes, or no mask.')
   stats = {}
   for found in registry.layers():
     if found.key not in totals:

@@ -17,6 +17,7 @@ import numpy as np
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import program
 from mac_optax._src import statistics
+from mac_optax._src import token_mask as token_mask_lib
 
 Exclude = Union[Sequence[str], Callable[[str], bool]]
 
@@ -173,7 +174,8 @@ def _check_same(plan: plan_lib.LayerPlan, registry: program.Registry,
           f'the plan\'s {layer.layout.roles()} {layer.layout.stat_shape}.')
 
 
-def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan
+def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan, *,
+                    token_mask: Any = None
                     ) -> Callable[..., tuple[Any, dict]]:
   """``fn`` returning ``(output, stats)``: the statistics of every layer.
 
@@ -185,6 +187,11 @@ def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan
   Args:
     fn: the function the plan was built from.
     plan: its :func:`plan` (whose ``exclude``/``embed_lookup`` apply).
+    token_mask: ``[*batch, tokens]`` real tokens (True or non-zero) of this
+      batch, or None. The inputs whose row axes lead with its shape average
+      over real tokens only, lookups count real tokens, and attention-mixed
+      means average over real queries (the rule of
+      ``mac_optax.linen.capture(token_mask=...)``).
 
   Returns:
     ``g(params, *args, **kwargs) -> (fn's output, stats)``, ``stats`` a
@@ -192,7 +199,8 @@ def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan
     intermediates=stats)``.
 
   Raises:
-    ValueError: (at trace time) the call's layers differ from the plan's.
+    ValueError: (at trace time) the call's layers differ from the plan's,
+      or a token mask matches no layer input.
 
   Example:
     >>> def loss_fn(p, x, y):
@@ -208,6 +216,7 @@ def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan
 
   def wrapped(params, *args, **kwargs):
     registry = _registry(params, exclude, embed_lookup)
+    registry.token_mask = token_mask_lib.checked(token_mask)
     out, stats = program.run(fn, registry, params, args, kwargs)
     _check_same(plan, registry, stats)
     return out, stats
