@@ -31,7 +31,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from mac_optax._src import sharding
 from mac_optax._src.layout import KernelLayout
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -146,16 +148,26 @@ def precondition(
   # Computed in the statistic's dtype (float32 by default, also for bf16
   # gradients); returned in the gradient's.
   kernel = kernel_grad.astype(mean.dtype).reshape(specs.kernel_shape)
-  mean = mean.reshape(specs.mean_shape)
+  # Under an explicit-axis mesh the vectors take the kernel's sharding (each
+  # device keeps the rows and columns of its own kernel block); else None.
+  on = sharding.spec(kernel)
+  on = None if on is None else dict(zip(specs.kernel, on))
+  along = lambda word: None if on is None else tuple(on[c] for c in word)
+  mean = sharding.reshard(mean.reshape(specs.mean_shape), along(specs.mean))
   in_axes = tuple(range(-specs.input_ndim, 0))
   scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=in_axes), 1.0)
   tilde = mean / scale.reshape(scale.shape + (1,) * specs.input_ndim)
+  # A contraction over a split input axis must be told its result's sharding.
+  explicit = {} if on is None else {
+      'out_sharding': PartitionSpec(*along(specs.columns))}
   projection = jnp.einsum(f'{specs.mean},{specs.kernel}->{specs.columns}',
-                          tilde, kernel, precision=_HIGHEST)
+                          tilde, kernel, precision=_HIGHEST, **explicit)
   norm_sq = jnp.sum(jnp.square(tilde), axis=in_axes)
   bias = None
   if bias_grad is not None:
-    bias = bias_grad.astype(kernel.dtype).reshape(specs.bias_shape)
+    bias = sharding.reshard(
+        bias_grad.astype(kernel.dtype).reshape(specs.bias_shape),
+        along(specs.bias))
     projection = projection + _scale_columns(specs, 1 / scale, bias,
                                              source=specs.bias)
     norm_sq = norm_sq + jnp.square(1 / scale)
@@ -173,7 +185,8 @@ def precondition(
     new_bias = None if new_bias is None else new_bias / damping
   new_kernel = new_kernel.reshape(kernel_grad.shape).astype(kernel_grad.dtype)
   if new_bias is not None:
-    new_bias = new_bias.reshape(bias_grad.shape).astype(bias_grad.dtype)
+    new_bias = sharding.like(
+        new_bias.reshape(bias_grad.shape).astype(bias_grad.dtype), bias_grad)
   return new_kernel, new_bias
 
 

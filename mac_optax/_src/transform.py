@@ -13,6 +13,7 @@ from mac_optax._src import exact as exact_lib
 from mac_optax._src import hyperparameters
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import rank_one
+from mac_optax._src import sharding
 from mac_optax._src import statistics
 
 _MISSING_INTERMEDIATES = (
@@ -119,7 +120,10 @@ def _step_layer(layer_state: LayerState, calls, fold, refresh, stat_decay,
   if calls is None:   # an optional layer not called on this step
     batch_mean, fold = jnp.zeros_like(layer_state.mean), False
   else:
-    batch_mean = _batch_mean(calls, dtype, axis_name)
+    # Under an explicit-axis mesh the statistic is sharded as its activations;
+    # the state keeps its own sharding from step to step.
+    batch_mean = sharding.like(_batch_mean(calls, dtype, axis_name),
+                               layer_state.mean)
   folded, dropped = ema.fold_counting(
       ema.Ema(layer_state.mean, layer_state.count), batch_mean, stat_decay,
       fold)
