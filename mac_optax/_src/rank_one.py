@@ -31,7 +31,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from mac_optax._src import sharding
 from mac_optax._src.layout import KernelLayout
@@ -148,20 +147,16 @@ def precondition(
   # Computed in the statistic's dtype (float32 by default, also for bf16
   # gradients); returned in the gradient's.
   kernel = kernel_grad.astype(mean.dtype).reshape(specs.kernel_shape)
-  # Under an explicit-axis mesh the vectors take the kernel's sharding (each
-  # device keeps the rows and columns of its own kernel block); else None.
-  on = sharding.spec(kernel)
-  on = None if on is None else dict(zip(specs.kernel, on))
-  along = lambda word: None if on is None else tuple(on[c] for c in word)
+  # Under an explicit-axis mesh the vectors take the kernel's sharding, so
+  # each device keeps the rows and columns of its own kernel block.
+  along = sharding.along(kernel, specs.kernel)
   mean = sharding.reshard(mean.reshape(specs.mean_shape), along(specs.mean))
   in_axes = tuple(range(-specs.input_ndim, 0))
   scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=in_axes), 1.0)
   tilde = mean / scale.reshape(scale.shape + (1,) * specs.input_ndim)
-  # A contraction over a split input axis must be told its result's sharding.
-  explicit = {} if on is None else {
-      'out_sharding': PartitionSpec(*along(specs.columns))}
   projection = jnp.einsum(f'{specs.mean},{specs.kernel}->{specs.columns}',
-                          tilde, kernel, precision=_HIGHEST, **explicit)
+                          tilde, kernel, precision=_HIGHEST,
+                          **sharding.out_sharding(along(specs.columns)))
   norm_sq = jnp.sum(jnp.square(tilde), axis=in_axes)
   bias = None
   if bias_grad is not None:

@@ -12,7 +12,7 @@ functions return their input unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 from jax.sharding import NamedSharding
@@ -59,3 +59,25 @@ def like(x: jax.Array, other: jax.Array) -> jax.Array:
   if target is None and spec(x) is not None:
     target = (None,) * x.ndim   # `other` has no mesh: replicated
   return reshard(x, target)
+
+
+def along(x: jax.Array, letters: str) -> Callable[[str], Optional[Spec]]:
+  """Mesh axes of einsum subscripts, `letters` naming `x`'s axes.
+
+  Returns a function of a word of those letters giving each letter's mesh
+  axes in `x`, or None for every word where `x` has no explicit sharding.
+  """
+  found = spec(x)
+  if found is None:
+    return lambda word: None
+  by_letter = dict(zip(letters, found))
+  return lambda word: tuple(by_letter[c] for c in word)
+
+
+def out_sharding(target: Optional[Sequence[Any]]) -> dict[str, Any]:
+  """``einsum`` keywords naming its result's sharding (empty for None).
+
+  A contraction over an axis split in both operands is ambiguous under an
+  explicit mesh unless told how its (reduced) result is sharded.
+  """
+  return {} if target is None else {'out_sharding': PartitionSpec(*target)}
