@@ -820,6 +820,40 @@ def check_explicit_mesh_fsdp():
   return _explicit_run('fsdp')
 
 
+def check_explicit_mesh_multi_steps():
+  """mac_optax.multi_steps on the tensor-parallel layout: its running mean
+  of the statistics keeps the state's sharding too."""
+  mesh, use_mesh = _explicit_mesh()
+  specs, batch_spec, gather = EXPLICIT_LAYOUTS['tensor_parallel']
+  host_x, host_y, host_params, plan, _ = _explicit_data()
+  make = lambda: mac_optax.multi_steps(
+      _explicit_optimizers(plan)['mac_sgd'], 2, plan=plan)
+  halves = [(host_x[i::2], host_y[i::2]) for i in range(2)]
+  tx = make()
+  ref_step = jax.jit(_explicit_step(tx, TwoDense(), gather=False))
+  ref = (host_params, tx.init(host_params))
+  for _ in range(STEPS):
+    for xb, yb in halves:
+      ref = ref_step(*ref, xb, yb)
+  with use_mesh(mesh):
+    params = jax.device_put(host_params, jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs,
+        is_leaf=lambda s: isinstance(s, P)))
+    state = tx.init(params)
+    init_types = _types(state)
+    step = jax.jit(_explicit_step(tx, TwoDense(row_split=True), gather))
+    batch = NamedSharding(mesh, batch_spec)
+    for _ in range(STEPS):
+      for xb, yb in halves:
+        params, state = step(params, state, jax.device_put(xb, batch),
+                             jax.device_put(yb, batch))
+        assert _types(state) == init_types, (
+            f'the state types changed:\n{init_types}\n{_types(state)}')
+  _close((params, state), ref, 'multi_steps on the mesh vs 1 device')
+  return (f'{STEPS} steps of 2 micro-batches: state types stable, values '
+          'equal the single-device run')
+
+
 def check_explicit_mesh_adds_only_vector_collectives():
   """MAC's compiled step = Adam's collectives + statistic-sized vectors."""
   mesh, use_mesh = _explicit_mesh()

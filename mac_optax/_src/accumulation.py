@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from mac_optax._src import plan as plan_lib
+from mac_optax._src import sharding
 
 
 class MultiStepsMacState(NamedTuple):
@@ -104,9 +105,12 @@ def multi_steps(
           f'of `intermediates_like`: got {treedef}, expected {like_treedef}.')
     old = state.multi_steps
     count = old.mini_step.astype(jnp.float32) + 1
+    # sharding.like: an explicit-axis mesh splits a statistic as its
+    # activations; the running mean keeps the state's sharding.
     running = jax.tree_util.tree_map(
-        lambda acc, x: (acc + (x.astype(acc.dtype) - acc) / count).astype(
-            acc.dtype), state.intermediates, intermediates)
+        lambda acc, x: (acc + (sharding.like(x.astype(acc.dtype), acc) - acc)
+                        / count).astype(acc.dtype),
+        state.intermediates, intermediates)
     updates, new = inner.update(updates, old, params,
                                 intermediates=running, **extra)
     skipped = jnp.logical_and(new.mini_step == old.mini_step,
