@@ -324,15 +324,7 @@ INJECTED = {
 }
 
 
-_EMPTY_STATE = pytest.mark.xfail(
-    strict=True, reason='an injected 0.0 weight decay (or momentum) is an '
-    'array, so mac_sgd keeps that step in the chain: one extra EmptyState in '
-    'the inner state')
-
-
-@pytest.mark.parametrize('name', [
-    pytest.param(name, marks=_EMPTY_STATE) if name.startswith('mac_sgd')
-    else name for name in INJECTED])
+@pytest.mark.parametrize('name', INJECTED)
 def test_inject_hyperparams_equals_the_plain_optimizer(name):
   """Updates and the inner state, as optax's battery compares them."""
   model, params, plan, x, y = _problem()
