@@ -13,7 +13,9 @@ tests/distributed_checks.py.
 Both MAC front doors are checked: ``mac_sgd`` and MAC before Adam.
 """
 
+import contextlib
 import functools
+import inspect
 
 import flax.linen as nn
 import jax
@@ -235,9 +237,7 @@ def test_multisteps_accumulates_and_updates_every_k(name):
 @pytest.mark.parametrize('name', OPTIMIZERS)
 def test_state_type_is_stable_under_lax_cond(name, dtype):
   """`lax.cond(pred, update, identity)` needs one state type in both arms."""
-  context = (reference.x64() if dtype == 'float64'
-             else _no_context())
-  with context:
+  with reference.x64() if dtype == 'float64' else contextlib.nullcontext():
     dtype = jnp.dtype(dtype)
     model, params, plan, x, y = _problem(dtype)
     tx = OPTIMIZERS[name](plan)
@@ -263,13 +263,7 @@ def test_state_type_is_stable_under_lax_cond(name, dtype):
       state = jax.lax.cond(pred, lambda s=state: s, lambda s=new_state: s)
 
 
-def _no_context():
-  import contextlib  # pylint: disable=g-import-not-at-top
-  return contextlib.nullcontext()
-
-
 def test_mac_sgd_learning_rate_is_annotated_as_a_schedule():
-  import inspect  # pylint: disable=g-import-not-at-top
   annotation = inspect.signature(mac_optax.mac_sgd).parameters[
       'learning_rate'].annotation
   assert annotation in (optax.ScalarOrSchedule, 'optax.ScalarOrSchedule')
