@@ -8,9 +8,12 @@ in the row-major order of the kernel's input axes, in float32.
 The mean convolution patch is never computed from materialized im2col
 patches. The patch is linear in the input: each spatial axis contributes a
 small matrix ``M[k, p]``, the number of output positions at which kernel tap
-``k`` reads input position ``p``, contracted one axis at a time before the
-batch is summed (so a batch sharded over devices is reduced as ``d_in``
-floats); ``mean_patch[k_1..k_n, c] = Σ_b Σ_p Π_d M_d[k_d, p_d] x[b, p, c] / (B · #outputs)``.
+``k`` reads input position ``p``, and
+``mean_patch[k_1..k_n, c] = Σ_b Σ_p Π_d M_d[k_d, p_d] x[b, p, c] / (B · #outputs)``.
+The images are summed first, within blocks of the batch that a device holds
+whole; the spatial axes are then contracted block by block, and the blocks are
+summed only together with the last spatial axis, so a batch sharded over
+devices is reduced across them as ``d_in`` floats, not as an image.
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ from mac_optax._src import token_mask
 from mac_optax._src.conv_geometry import ConvGeometry
 
 STAT_DTYPE = jnp.float32
-_LETTERS = 'defhijmn'        # spatial axes (no b, c, z)
-_TAP_LETTERS = 'pqrstuvw'    # their kernel taps
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -44,6 +45,13 @@ def stat_dtype(dtype) -> jnp.dtype:
 # runs fast; both are exact sums. The contraction asks for HIGHEST precision:
 # at the default, GPUs run it in TF32 and TPUs in bf16 passes.
 _SUM_AS_CONTRACTION = jax.__version_info__ >= (0, 10)
+
+# XLA:CPU before jax 0.12 cannot run a dot with batch axes whose operands are
+# narrower than its result ("Unsupported element type for DotThunk::Execute:
+# BF16 x BF16 = F32" under jax 0.10.2; 0.12.1 runs it), the form of the conv
+# statistic's contractions; there, a bfloat16 or float16 image is widened to
+# float32 first (one more pass over it).
+_NARROW_BATCHED_DOTS = jax.__version_info__ >= (0, 12)
 
 
 def sum_leading(x: jax.Array, axes: int = 1) -> jax.Array:
@@ -117,6 +125,30 @@ def _tap_matrix(size: int, kernel: int, stride: int, pad: tuple[int, int],
   return taps
 
 
+def batch_blocks(batch: int) -> int:
+  """How many blocks of consecutive images the conv statistic sums apart.
+
+  ``gcd(batch, device count)``: a batch split evenly over a mesh of all
+  devices, or of a sub-mesh whose size divides their number, gives each
+  device whole blocks, so summing a block never crosses devices. Any number
+  gives the same statistic; it only decides what is summed where.
+  """
+  return math.gcd(batch, jax.device_count())
+
+
+def _sum_blocks(x: jax.Array, blocks: int) -> jax.Array:
+  """``Σ`` over each of `blocks` consecutive blocks of the leading axis."""
+  if blocks == 1:
+    return sum_leading(x)[None]
+  if blocks == x.shape[0]:
+    return x
+  x = x.reshape(blocks, -1, *x.shape[1:])
+  ones = jnp.ones(x.shape[:2], x.dtype)
+  return jax.lax.dot_general(ones, x, (((1,), (1,)), ((0,), (0,))),
+                             precision=_HIGHEST,
+                             preferred_element_type=stat_dtype(x.dtype))
+
+
 def conv_output_count(spatial: Sequence[int], kernel_size: Sequence[int],
                       strides: Sequence[int], pads: Sequence[tuple[int, int]],
                       input_dilation: Sequence[int],
@@ -163,28 +195,41 @@ def conv_mean_patch(
   spatial, channels = x.shape[x.ndim - n - 1:-1], x.shape[-1]
   # Only the batch axes are merged: flattening (spatial, C) would make a
   # channel-sharded input (tensor parallelism) all-gather.
-  images = x.reshape(-1, *spatial, channels)
-  batch = images.shape[0]
+  patch = x.reshape(-1, *spatial, channels)
+  batch = patch.shape[0]
   outputs = conv_output_count(spatial, kernel_size, strides, padding,
                               input_dilation, kernel_dilation)
-  # The spatial axes are contracted with the tap matrices before the batch
-  # is summed: with the batch sharded over devices, the cross-device sum is
-  # then over [*kernel_size, C] (d_in floats), not over a whole [*spatial, C]
-  # image. Each step turns the next position axis into a leading tap axis.
-  taps_seen, spatial_left = '', _LETTERS[:n]
-  patch = images
+  dtype = stat_dtype(x.dtype)
+  if not _NARROW_BATCHED_DOTS:
+    patch = patch.astype(dtype)
+  # One pass over the images sums them within blocks a device holds whole
+  # (on one device, the whole batch). Then each spatial axis in turn is
+  # contracted with its tap matrix and becomes a tap axis in place
+  # ([blocks, taps so far, p_d, ..., c] → [blocks, taps, k_d, ...]), in one
+  # dot whose batch axes are the axes before it (the tap matrix is broadcast
+  # over those: blocks·p_d·k_d numbers per tap so far). The last spatial axis
+  # is contracted together with the blocks: no op sums the blocks of a
+  # [*spatial, C] map, so with the batch sharded over devices the
+  # cross-device sum is over [*kernel_size, C] (d_in floats), not an image.
+  patch = _sum_blocks(patch, batch_blocks(batch))
+  blocks = patch.shape[0]
   for d in range(n):
     taps = _tap_matrix(spatial[d], kernel_size[d], strides[d], padding[d],
-                       input_dilation[d], kernel_dilation[d])
-    k, rest = _TAP_LETTERS[d], spatial_left[1:]
-    last = d == n - 1
-    out = (f'z{taps_seen}{k}c' if last else f'{taps_seen}{k}z{rest}c')
-    patch = jnp.einsum(f'{taps_seen}z{spatial_left}c,{k}{spatial_left[0]}->'
-                       f'{out}', patch, jnp.asarray(taps, patch.dtype),
-                       precision=_HIGHEST,
-                       preferred_element_type=stat_dtype(x.dtype))
-    taps_seen, spatial_left = taps_seen + k, rest
-  patch = sum_leading(patch) / max(batch * outputs, 1)   # [*kernel_size, C]
+                       input_dilation[d], kernel_dilation[d]).T  # [p_d, k_d]
+    seen = tuple(kernel_size[:d])
+    if d < n - 1:
+      lead = tuple(range(d + 1))              # the blocks and the taps so far
+      weights = jnp.broadcast_to(jnp.asarray(taps, patch.dtype),
+                                 (blocks, *seen, *taps.shape))
+      dims = (((d + 1,), (d + 1,)), (lead, lead))
+    else:
+      weights = jnp.broadcast_to(jnp.asarray(taps, patch.dtype),
+                                 (*seen, blocks, *taps.shape))
+      dims = (((d, d + 1), (0, d + 1)),
+              (tuple(range(d)), tuple(range(1, d + 1))))
+    patch = jax.lax.dot_general(weights, patch, dims, precision=_HIGHEST,
+                                preferred_element_type=dtype)
+  patch = patch / max(batch * outputs, 1)                # [*kernel_size, C]
   groups = feature_group_count
   patch = patch.reshape(*kernel_size, groups, channels // groups)
   patch = jnp.moveaxis(patch, n, 0)
