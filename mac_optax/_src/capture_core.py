@@ -6,7 +6,8 @@ interceptor; NNX: a class patch) and how they sow (``module.sow`` into the
 else is here, written once:
 
 * :class:`Options` and :class:`OpenCaptures`: the options of the open
-  captures, per thread, entered and exited from any thread;
+  captures, at most one per thread (nesting raises), entered and exited
+  from any thread; a token mask that matched no input raises on exit;
 * :class:`AttentionCall`: one call of a supported attention layer. Its
   projections' statistics are held until the call returns; the value
   projection is the one whose output is the ``value`` the layer's

@@ -24,6 +24,11 @@ recognized. A convolution whose input's leading axes have the mask's shape
 raises: its windows read padding into the patches of real positions, which
 no row mask removes.
 
+A mask that no input of the whole forward pass leads with (``[B, T+1]``,
+``[T, B]``, ``[B, T, 1]``) raises when its capture closes, naming its shape
+and the input shapes it met: one non-matching input is a pooled head or an
+encoder sequence, none at all is a wrong mask (:class:`MaskCheck`).
+
 Attention (value projections): with probabilities ``P_bhij`` and query mask
 ``m_bi`` (the queries are token rows when ``P``'s batch axes and query axis
 have the mask's shape), the per-key weights average over heads and *real*
