@@ -197,3 +197,28 @@ def test_lookup_plan_with_a_capture_without_lookups_says_embed_lookup():
                      'without it'):
     tx.update(params, tx.init(params), params,
               intermediates=v['intermediates'])
+
+
+class Attending(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='out')(
+        nn.MultiHeadDotProductAttention(2, name='attn')(x))
+
+
+def test_excluding_an_attention_projection_keeps_the_others():
+  model = Attending()
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 4))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  plan = mac_linen.plan(model, {'params': params}, x, exclude=['attn/value'])
+  assert set(plan.keys) == {'attn/query', 'attn/key', 'attn/out', 'out'}
+  assert {p.reason for p in plan.passed} == {'excluded by the user'}
+  with mac_linen.capture(exclude=['attn/value']):
+    _, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  assert set(v['intermediates']['attn']) == {'query', 'key', 'out'}
+  tx = mac_optax.mac(0.5, plan=plan)
+  updates, _ = tx.update(params, tx.init(params), params,
+                         intermediates=v['intermediates'])
+  np.testing.assert_array_equal(updates['attn']['value']['kernel'],
+                                params['attn']['value']['kernel'])

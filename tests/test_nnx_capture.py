@@ -701,6 +701,16 @@ def test_exclude_passes_a_layer_mac_cannot_model_through():
     mac_nnx.capture(exclude=['mix'])
 
 
+def test_excluding_an_attention_projection_keeps_the_others():
+  model = _Attending(nnx.Rngs(0))
+  x = _normal((2, 3, 4), 0)
+  plan = mac_nnx.plan(model, x, exclude=['attn/value'])
+  assert set(plan.keys) == {'attn/query', 'attn/key', 'attn/out', 'out'}
+  inter = nnx.to_pure_dict(_nnx_capture(model, x, exclude=[model.attn.value],
+                                        jit=False)[1])
+  assert set(inter['attn']) == {'query', 'key', 'out'}
+
+
 class _Switch(nnx.Module):
 
   def __init__(self, rngs):

@@ -281,6 +281,7 @@ class AttentionCall:
     self._value = None
     self._weights: list = []
     self._held: list[_Held] = []
+    self._skipped: list = []
 
   def recording(self, attention_fn: Callable) -> Callable:
     """A pass-through ``attention_fn`` that records ``value`` and weights."""
@@ -311,6 +312,10 @@ class AttentionCall:
     """Holds a projection's statistic until :meth:`release`."""
     self._held.append(_Held(sow, mean, inputs, output, on_value))
 
+  def skip(self, output: Any) -> None:
+    """Notes the output of a projection the user excluded (``exclude=``)."""
+    self._skipped.append(output)
+
   def release(self) -> None:
     """Sows the held statistics, the value projection's attention-mixed.
 
@@ -318,6 +323,10 @@ class AttentionCall:
       ValueError: the probabilities were not recorded exactly once, or not
         exactly one projection produced the value the attention read.
     """
+    if any(out is self._value for out in self._skipped):
+      for held in self._held:   # the value projection is excluded
+        held.sow(held.mean)
+      return
     values = [h for h in self._held if h.output is self._value]
     if len(self._weights) != 1 or len(values) != 1:
       raise ValueError(

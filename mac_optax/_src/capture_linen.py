@@ -161,8 +161,15 @@ def _interceptor(next_fun: Callable, args, kwargs, context, *,
   survey = capture_core.current_survey()
   if survey is not None:
     survey.module_types[_path(module)] = type(module).__name__
-  if module.is_initializing() or options.exclude(_path(module)):
+  if module.is_initializing():
     return next_fun(*args, **kwargs)
+  owner = calls[-1][1] if calls and calls[-1][0] == tuple(
+      module.path[:-1]) else None
+  if options.exclude(_path(module)):
+    out = next_fun(*args, **kwargs)
+    if owner is not None:
+      owner.skip(out)
+    return out
   if _is_attention(module, method, options, calls):
     return _call_attention(module, next_fun, args, kwargs, options, calls)
   found = _statistic(module, method, args, kwargs, options)
@@ -178,8 +185,6 @@ def _interceptor(next_fun: Callable, args, kwargs, context, *,
   if not module.is_mutable_collection(COLLECTION):
     return next_fun(*args, **kwargs)
   sow = lambda m: module.sow(COLLECTION, name, m)
-  owner = calls[-1][1] if calls and calls[-1][0] == tuple(
-      module.path[:-1]) else None
   if owner is None or name != statistics.MEAN:
     sow(mean)
     return next_fun(*args, **kwargs)

@@ -279,7 +279,12 @@ def _stat_wrapper(patch: _Patch, statistic: Callable) -> Callable:
   def wrapper(self, *args, **kwargs):
     options = _options_for(patch, self)
     if options is None:
-      return original(self, *args, **kwargs)
+      out = original(self, *args, **kwargs)
+      current = _OPEN.current()
+      call = _owner_call(self)
+      if current is not None and call is not None and current.exclude(self):
+        call.skip(out)   # an excluded projection of an attention call
+      return out
     found = statistic(self, args, kwargs, options)
     if found is None:
       return original(self, *args, **kwargs)
