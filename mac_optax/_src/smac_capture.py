@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mac_optax._src import capture_core
 from mac_optax._src import einsum_layout
 from mac_optax._src.smac import GRAD_SQ
 from mac_optax._src.smac import PROBES
@@ -149,16 +150,19 @@ def probes_like(model: nn.Module, variables: Any, *args, **kwargs) -> Any:
     model: the linen module.
     variables: its variables (``{'params': ...}``), arrays or shapes.
     *args: example inputs of ``model.apply`` (arrays or shapes; only shapes
-      matter, the batch size does not).
+      matter, the batch size does not; Python scalars stay static).
     **kwargs: keyword arguments of ``model.apply``.
 
   Returns:
     ``{path...: {'mac_grad_sq': zeros(output units)}}``, float32.
   """
-  def forward(variables, *args):
+  traced, rebuild = capture_core.static_scalars(args)
+
+  def forward(variables, traced):
     with capture():
-      _, state = model.apply(variables, *args, mutable=[PROBES], **kwargs)
+      _, state = model.apply(variables, *rebuild(traced), mutable=[PROBES],
+                             **kwargs)
     return state.get(PROBES, {})
 
-  shapes = jax.eval_shape(forward, variables, *args)
+  shapes = jax.eval_shape(forward, variables, traced)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
