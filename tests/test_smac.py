@@ -254,3 +254,27 @@ def test_einsum_bias_in_another_order_than_the_kernel_raises():
   with pytest.raises(ValueError, match='smac: einsum layer.*bias whose axes '
                      'are in another order'):
     smac.probes_like(layer, {'params': params}, x)
+
+
+class _Tied(nn.Module):
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(7, 4, name='embed')
+    return embed.attend(nn.Dense(4, name='dense')(embed(tokens)))
+
+
+def test_unscaled_layers_names_what_smac_leaves_to_mac_alone():
+  tokens = jnp.array([[1, 2, 3]])
+  model = _Tied()
+  params = init_params(model, tokens)
+  plan = mac_linen.plan(model, {'params': params}, tokens)
+  probes = smac.probes_like(model, {'params': params}, tokens)
+  assert set(plan.keys) == {'dense', 'embed'}
+  assert smac.unscaled_layers(plan, probes) == ('embed',)
+  x = BATCHES[0][0]
+  net = Net()
+  net_params = init_params(net, x)
+  assert smac.unscaled_layers(
+      mac_linen.plan(net, {'params': net_params}, x),
+      smac.probes_like(net, {'params': net_params}, x)) == ()

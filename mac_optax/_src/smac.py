@@ -17,7 +17,7 @@ index, so ``ẑ`` and ``Z`` have one entry per batch index and output unit (the
 heads of a batched projection do not share a scale). Layers without a probe
 keep ``Z = 1`` (MAC alone): ``nn.Embed`` (``attend`` and lookups), layers
 sown by hand (``sow_mean``, ``sow_attention``) and NNX models (the probes are
-linen only). An einsum whose bias runs over its output axes in another order
+linen only); :func:`unscaled_layers` lists them for a plan. An einsum whose bias runs over its output axes in another order
 than the kernel's raises.
 
 Getting ``E_rows[g²]`` in JAX without materializing ``g``: inside
@@ -105,6 +105,24 @@ def _probe_leaves(grad_sq: Any) -> dict[str, jax.Array]:
     if GRAD_SQ in names:
       found['/'.join(names[:names.index(GRAD_SQ)])] = leaf
   return found
+
+
+def unscaled_layers(plan: Any, probes: Any) -> tuple[str, ...]:
+  """The layers of a MAC plan that SMAC leaves with ``Z = 1`` (no probe).
+
+  Args:
+    plan: the :class:`mac_optax.LayerPlan` given to ``mac``.
+    probes: the probes (:func:`probes_like`).
+
+  Returns:
+    The plan's layer keys without a probe: ``Embed.attend`` tables, lookups,
+    hand-sown layers (module docstring). Empty when SMAC covers every layer.
+  """
+  probed = set(_probe_leaves(probes))
+  return tuple(layer.key for layer in plan.layers
+               if layer.statistic == statistics.LOOKUP_MEAN
+               or layer.statistic == statistics.ATTEND_MEAN
+               or layer.path not in probed)
 
 
 def _empty(shape) -> SmacLayerState:
