@@ -222,3 +222,14 @@ def test_excluding_an_attention_projection_keeps_the_others():
                          intermediates=v['intermediates'])
   np.testing.assert_array_equal(updates['attn']['value']['kernel'],
                                 params['attn']['value']['kernel'])
+  # The plan and the capture must exclude the same layers; each error says so.
+  with mac_linen.capture():
+    _, unexcluded = model.apply({'params': params}, x,
+                                mutable=['intermediates'])
+  with pytest.raises(ValueError, match=r"attn/value.*exclude="):
+    tx.update(params, tx.init(params), params,
+              intermediates=unexcluded['intermediates'])
+  full = mac_optax.mac(0.5, plan=mac_linen.plan(model, {'params': params}, x))
+  with pytest.raises(ValueError, match=r"\['attn/value'\].*exclude="):
+    full.update(params, full.init(params), params,
+                intermediates=v['intermediates'])

@@ -448,5 +448,6 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
         f'mac: no statistic for the planned layers {missing}. If the model '
         'legitimately skips them on some steps, list them in '
         'mac(optional_layers=...); otherwise check that the forward pass '
-        'calls them under the capture.')
+        'calls them under the capture (and that the capture does not '
+        'exclude= layers the plan was built with).')
   return pairings
