@@ -64,8 +64,9 @@ class Options:
 
   ``token_mask`` is the capture's ``[*batch, tokens]`` padding mask (an
   array, traced under ``jit``) or None; see the token-mask module for which
-  inputs it applies to. ``exclude`` decides which layer paths are not
-  captured (:func:`excluder`).
+  inputs it applies to. ``exclude`` says which layers are not captured
+  (linen: a predicate on paths, :func:`excluder`; NNX: on modules);
+  ``where`` names the capture in errors.
   """
   attention: str
   embed_lookup: bool
@@ -171,7 +172,13 @@ class OpenCaptures:
       remaining = len(self._open)
     for check in mine:
       token_mask_lib.unwatch(check)
-    return remaining, lambda: [c.verify() for c in mine if c is not None]
+
+    def verify() -> None:
+      for check in mine:
+        if check is not None:
+          check.verify()
+
+    return remaining, verify
 
   def current(self) -> Optional[Options]:
     """The open capture of this thread, or None."""
@@ -182,7 +189,7 @@ class OpenCaptures:
 
 
 def mark_excluded(plan: Any, excluded: Callable[[str], bool]) -> Any:
-  """`plan` with the parameters of excluded layers passed 'excluded by the user'."""
+  """`plan` with the excluded layers' parameters passed as :data:`EXCLUDED`."""
   passed = tuple(
       dataclasses.replace(p, reason=EXCLUDED)
       if excluded(p.path.rpartition('/')[0]) else p for p in plan.passed)
