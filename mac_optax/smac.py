@@ -7,6 +7,7 @@ from mac_optax._src.smac import PROBES
 from mac_optax._src.smac import scale_by_grad_sq
 from mac_optax._src.smac import SmacLayerState
 from mac_optax._src.smac import SmacState
+from mac_optax._src.smac import unscaled_layers
 
 __all__ = [
     'GRAD_SQ',
@@ -16,4 +17,5 @@ __all__ = [
     'capture',
     'probes_like',
     'scale_by_grad_sq',
+    'unscaled_layers',
 ]

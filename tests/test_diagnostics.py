@@ -193,3 +193,26 @@ def test_figures_use_the_damping_and_mean_the_update_used():
   np.testing.assert_allclose(figures[''].shrink, [3 / (3 + 5)], rtol=1e-6)
   np.testing.assert_allclose(figures[''].mean_norm, [np.sqrt(5.0)],
                              rtol=1e-6)
+
+
+class _Batched(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):   # x: [heads 3, batch 2, d 5]
+    return nn.DenseGeneral(4, batch_dims=(0,), name='layer')(x)
+
+
+def test_batched_einsum_layer_without_a_plan_says_pass_plan():
+  model = _Batched()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 5)),
+                  jnp.float32)
+  params = init_params(model, x)
+  plan = mac_linen.plan(model, {'params': params}, x)
+  with mac_linen.capture():
+    _, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  tx = mac_optax.mac(0.5, plan=plan)
+  _, state = tx.update(params, tx.init(params), params,
+                       intermediates=v['intermediates'])
+  assert set(diagnostics.layer_figures(params, state, plan)) == {'layer'}
+  with pytest.raises(ValueError, match="'layer'.*pass plan="):
+    diagnostics.layer_figures(params, state)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mac_optax
 from mac_optax import linen as mac_linen
@@ -104,3 +105,131 @@ def test_intermediates_like_matches_real_capture_shapes():
     _, v = model.apply({'params': params}, x, mutable=['intermediates'])
   assert (jax.tree_util.tree_map(lambda a: a.shape, like)
           == jax.tree_util.tree_map(lambda a: a.shape, v['intermediates']))
+
+
+def test_nested_captures_raise_and_leave_no_capture_open():
+  model, params, x = _setup()
+  with pytest.raises(ValueError, match='another capture is open'):
+    with mac_linen.capture(embed_lookup=True):
+      with mac_linen.capture():
+        pass
+  # The outer capture closed on the error: a new one opens and sows once.
+  with mac_linen.capture():
+    _, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  assert len(v['intermediates']['Dense_0'][mac_optax.MEAN]) == 1
+  # A plan is a capture too: building one inside a capture is nesting.
+  with pytest.raises(ValueError, match='another capture is open'):
+    with mac_linen.capture():
+      mac_linen.plan(model, {'params': params}, x)
+
+
+class Mixer(nn.Module):
+  """A layer MAC cannot model ('bd,dd->bd' reads the kernel's diagonal)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Einsum((4, 4), 'bd,dd->bd', use_bias=False, name='mix')(x)
+    return nn.Dense(3, name='out')(jnp.tanh(h))
+
+
+def test_exclude_passes_a_layer_mac_cannot_model_through():
+  model = Mixer()
+  x = jax.random.normal(jax.random.PRNGKey(2), (5, 4))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  # Without exclude= the capture refuses the layer and says how to exclude it.
+  with pytest.raises(ValueError, match=r"'mix'.*exclude=\['mix'\]"):
+    mac_linen.plan(model, {'params': params}, x)
+  for exclude in (['mix'], 'mix', lambda path: path.startswith('mix')):
+    plan = mac_linen.plan(model, {'params': params}, x, exclude=exclude)
+    assert plan.keys == ('out',)
+    reasons = {p.path: p.reason for p in plan.passed}
+    assert reasons == {'mix/kernel': 'excluded by the user'}
+    assert 'excluded by the user' in str(plan)
+  grads = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(np.random.default_rng(3).normal(size=p.shape),
+                            p.dtype), params)
+  with mac_linen.capture(exclude=['mix']):
+    _, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  assert set(v['intermediates']) == {'out'}
+  tx = mac_optax.mac(0.5, plan=plan)
+  updates, _ = tx.update(grads, tx.init(params), params,
+                         intermediates=v['intermediates'])
+  np.testing.assert_array_equal(updates['mix']['kernel'],
+                                grads['mix']['kernel'])
+  h = np.tanh(np.asarray(x, np.float64) * np.diag(
+      np.asarray(params['mix']['kernel'], np.float64)))
+  kernel, bias = reference.dense_update(
+      grads['out']['kernel'], grads['out']['bias'],
+      np.tile(np.append(h.mean(0), 1.0), (3, 1)), 0.5)
+  reference.assert_close(updates['out']['kernel'], kernel)
+  reference.assert_close(updates['out']['bias'], bias)
+  with pytest.raises(TypeError, match='exclude='):
+    mac_linen.capture(exclude=3).__enter__()
+
+
+class Switch(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Dense(4)(x)
+    return nn.Dropout(0.5, deterministic=not train)(x)
+
+
+def test_plan_takes_a_python_flag_given_by_position():
+  model = Switch()
+  x = jnp.ones((2, 3))
+  variables = model.init(jax.random.PRNGKey(0), x, False)
+  by_position = mac_linen.plan(model, variables, x, False)
+  assert by_position == mac_linen.plan(model, variables, x, train=False)
+  assert by_position.keys == ('Dense_0',)
+
+
+def test_lookup_plan_with_a_capture_without_lookups_says_embed_lookup():
+  model = TiedLM()
+  tokens = jnp.array([[1, 2, 3], [4, 5, 6]])
+  params = model.init(jax.random.PRNGKey(0), tokens)['params']
+  plan = mac_linen.plan(model, {'params': params}, tokens, embed_lookup=True)
+  with mac_linen.capture():
+    _, v = model.apply({'params': params}, tokens, mutable=['intermediates'])
+  tx = mac_optax.mac(0.5, plan=plan)
+  with pytest.raises(ValueError, match=r"\['Embed_0@lookup'\].*capture with "
+                     'embed_lookup=True like the plan, or build the plan '
+                     'without it'):
+    tx.update(params, tx.init(params), params,
+              intermediates=v['intermediates'])
+
+
+class Attending(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='out')(
+        nn.MultiHeadDotProductAttention(2, name='attn')(x))
+
+
+def test_excluding_an_attention_projection_keeps_the_others():
+  model = Attending()
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 4))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  plan = mac_linen.plan(model, {'params': params}, x, exclude=['attn/value'])
+  assert set(plan.keys) == {'attn/query', 'attn/key', 'attn/out', 'out'}
+  assert {p.reason for p in plan.passed} == {'excluded by the user'}
+  with mac_linen.capture(exclude=['attn/value']):
+    _, v = model.apply({'params': params}, x, mutable=['intermediates'])
+  assert set(v['intermediates']['attn']) == {'query', 'key', 'out'}
+  tx = mac_optax.mac(0.5, plan=plan)
+  updates, _ = tx.update(params, tx.init(params), params,
+                         intermediates=v['intermediates'])
+  np.testing.assert_array_equal(updates['attn']['value']['kernel'],
+                                params['attn']['value']['kernel'])
+  # The plan and the capture must exclude the same layers; each error says so.
+  with mac_linen.capture():
+    _, unexcluded = model.apply({'params': params}, x,
+                                mutable=['intermediates'])
+  with pytest.raises(ValueError, match=r"attn/value.*exclude="):
+    tx.update(params, tx.init(params), params,
+              intermediates=unexcluded['intermediates'])
+  full = mac_optax.mac(0.5, plan=mac_linen.plan(model, {'params': params}, x))
+  with pytest.raises(ValueError, match=r"\['attn/value'\].*exclude="):
+    full.update(params, full.init(params), params,
+                intermediates=v['intermediates'])

@@ -545,9 +545,17 @@ def test_classes_are_restored_on_exit_nesting_and_exceptions():
   before = _patched_methods()
   with mac_nnx.capture():
     assert _patched_methods() != before
+  assert _patched_methods() == before
+  # Nested captures raise (linen averaged two statistics, NNX kept the
+  # innermost: neither has one meaning); everything is restored.
+  with pytest.raises(ValueError, match='another capture is open'):
+    with mac_nnx.capture(embed_lookup=True):
+      with mac_nnx.capture():
+        pass
+  assert _patched_methods() == before
+  with pytest.raises(ValueError, match='another capture is open'):
     with mac_nnx.capture():
-      pass
-    assert _patched_methods() != before   # still active in the outer one
+      mac_nnx.plan(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), jnp.ones((1, 3)))
   assert _patched_methods() == before
   with pytest.raises(RuntimeError):
     with mac_nnx.capture():
@@ -589,6 +597,136 @@ def test_other_threads_are_not_captured():
     done.wait(30)
   thread.join()
   assert not jax.tree_util.tree_leaves(result['inter'])
+
+
+class _Attending(nnx.Module):
+
+  def __init__(self, rngs):
+    self.attn = nnx.MultiHeadAttention(2, 4, qkv_features=4, decode=False,
+                                       rngs=rngs, **INIT)
+    self.out = nnx.Linear(4, 3, rngs=rngs, **INIT)
+
+  def __call__(self, x):
+    return self.out(causal_call(self.attn, x))
+
+
+def test_a_model_shared_by_two_capturing_threads_raises_saying_why():
+  model = _Attending(nnx.Rngs(0))
+  x = _normal((2, 3, 4), 0)
+  captured, release, errors = threading.Event(), threading.Event(), []
+
+  def holder():
+    with mac_nnx.capture():
+      nnx.capture(model, nnx.Intermediate)(x)
+      captured.set()
+      release.wait(30)
+
+  thread = threading.Thread(target=holder)
+  thread.start()
+  try:
+    captured.wait(30)
+    with pytest.raises(ValueError, match='two threads at once.*own model'):
+      with mac_nnx.capture():
+        nnx.capture(model, nnx.Intermediate)(x)
+  finally:
+    release.set()
+    thread.join()
+  # A model per thread (nnx.clone) captures concurrently, each as alone.
+  alone = _capture_eagerly(model, x)
+  barrier, results = threading.Barrier(2), {}
+
+  def worker(i):
+    try:
+      own = nnx.clone(model)
+      barrier.wait(30)
+      results[i] = _capture_eagerly(own, x)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  for i in range(2):
+    _assert_trees_close(results[i], alone)
+
+
+def _capture_eagerly(model, x):
+  with mac_nnx.capture():
+    _, inter = nnx.capture(model, nnx.Intermediate)(x)
+  return nnx.to_pure_dict(inter)
+
+
+class _Mixer(nnx.Module):
+  """A layer MAC cannot model ('bd,dd->bd' reads the kernel's diagonal)."""
+
+  def __init__(self, rngs):
+    self.mix = nnx.Einsum('bd,dd->bd', (4, 4), rngs=rngs)
+    self.out = nnx.Linear(4, 3, rngs=rngs, **INIT)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.mix(x)))
+
+
+def test_exclude_passes_a_layer_mac_cannot_model_through():
+  model = _Mixer(nnx.Rngs(0))
+  x = _normal((5, 4), 2)
+  with pytest.raises(ValueError, match=r'exclude=\[model\.mix\]'):
+    mac_nnx.plan(model, x)
+  plan = mac_nnx.plan(model, x, exclude=['mix'])
+  assert plan == mac_nnx.plan(model, x, exclude=[model.mix])
+  assert plan.keys == ('out',)
+  assert {p.path: p.reason for p in plan.passed} == {
+      'mix/kernel': 'excluded by the user'}
+  with mac_nnx.capture(exclude=[model.mix]):
+    _, inter = nnx.capture(model, nnx.Intermediate)(x)
+  assert set(nnx.to_pure_dict(inter)) == {'out'}
+  grads = _random_like(nnx.state(model, nnx.Param), 3)
+  tx = mac_optax.mac(DAMPING, plan=plan)
+  updates = nnx.to_pure_dict(tx.update(grads, tx.init(grads),
+                                       intermediates=inter)[0])
+  grads = nnx.to_pure_dict(grads)
+  np.testing.assert_array_equal(updates['mix']['kernel'],
+                                grads['mix']['kernel'])
+  h = np.tanh(np.asarray(x, np.float64) * np.diag(
+      np.asarray(model.mix.kernel[...], np.float64)))
+  kernel, bias = reference.dense_update(
+      grads['out']['kernel'], grads['out']['bias'],
+      np.tile(np.append(h.mean(0), 1.0), (3, 1)), DAMPING)
+  reference.assert_close(updates['out']['kernel'], kernel)
+  reference.assert_close(updates['out']['bias'], bias)
+  with pytest.raises(TypeError, match='modules'):
+    mac_nnx.capture(exclude=['mix'])
+
+
+def test_excluding_an_attention_projection_keeps_the_others():
+  model = _Attending(nnx.Rngs(0))
+  x = _normal((2, 3, 4), 0)
+  plan = mac_nnx.plan(model, x, exclude=['attn/value'])
+  assert set(plan.keys) == {'attn/query', 'attn/key', 'attn/out', 'out'}
+  inter = nnx.to_pure_dict(_nnx_capture(model, x, exclude=[model.attn.value],
+                                        jit=False)[1])
+  assert set(inter['attn']) == {'query', 'key', 'out'}
+
+
+class _Switch(nnx.Module):
+
+  def __init__(self, rngs):
+    self.layer = nnx.Linear(3, 4, rngs=rngs, **INIT)
+
+  def __call__(self, x, train):
+    y = self.layer(x)
+    return y * 2.0 if train else y
+
+
+def test_plan_takes_a_python_flag_given_by_position():
+  model = _Switch(nnx.Rngs(0))
+  x = jnp.ones((2, 3))
+  by_position = mac_nnx.plan(model, x, True)
+  assert by_position == mac_nnx.plan(model, x, train=True)
+  assert by_position.keys == ('layer',)
 
 
 class MyLinear(nnx.Module):

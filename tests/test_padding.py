@@ -10,6 +10,8 @@ batch carries garbage ids at its padding positions, and its mask is traced
 (the capture is opened inside ``jax.jit``).
 """
 
+import re
+
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -191,14 +193,11 @@ def test_conv_over_a_masked_token_axis_raises():
   with pytest.raises(ValueError, match="convolution 'conv'.*token mask"):
     with mac_optax.linen.capture(token_mask=jnp.ones((2, 6), bool)):
       model.apply(variables, x, mutable=['intermediates'])
-  # An image batch whose leading axes differ from the mask's is unaffected.
-  with mac_optax.linen.capture(token_mask=jnp.ones((2, 5), bool)):
-    _, v = model.apply(variables, x, mutable=['intermediates'])
-  with mac_optax.linen.capture():
-    _, plain = model.apply(variables, x, mutable=['intermediates'])
-  np.testing.assert_array_equal(v['intermediates']['conv'][mac_optax.MEAN][0],
-                                plain['intermediates']['conv'][
-                                    mac_optax.MEAN][0])
+  # A mask no input leads with is a wrong mask, not an image model.
+  with pytest.raises(ValueError, match=r'shape \(2, 5\) matched no layer '
+                     r'input.*\(2, 6, 3\)'):
+    with mac_optax.linen.capture(token_mask=jnp.ones((2, 5), bool)):
+      model.apply(variables, x, mutable=['intermediates'])
 
 
 @pytest.mark.parametrize('mask,why', [
@@ -347,3 +346,38 @@ def test_sow_attention_weights_under_a_mask_equal_probs():
   np.testing.assert_allclose(
       stats[0][0], (np.asarray(x, np.float64) * m).sum((0, 1)) / m.sum(),
       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(B, T + 1), (T, B), (B, T, 1)])
+def test_linen_mask_that_leads_no_input_raises_at_trace_time(shape):
+  ids, mask = _batch()
+  model = _Linen()
+  variables = jax.jit(model.init)(jax.random.key(0), ids, mask)
+
+  @jax.jit
+  def stats(variables, ids, mask, token_mask):
+    with mac_optax.linen.capture(token_mask=token_mask):
+      _, v = model.apply(variables, ids, mask, mutable=['intermediates'])
+    return v['intermediates']
+
+  pattern = (rf'token_mask=\.\.\.\) of shape {re.escape(str(shape))} '
+             rf'matched no layer input.*{re.escape(str((B, T, D)))}')
+  with pytest.raises(ValueError, match=pattern):
+    stats(variables, ids, mask, jnp.ones(shape, bool))
+
+
+def test_nnx_mask_that_leads_no_input_raises_at_trace_time():
+  ids, mask = _batch()
+  net = _Nnx(nnx.Rngs(0))
+
+  @nnx.jit
+  def stats(net, ids, mask, token_mask):
+    with mac_optax.nnx.capture(token_mask=token_mask):
+      _, inter = nnx.capture(net, nnx.Intermediate)(ids, mask)
+    return inter
+
+  with pytest.raises(ValueError, match=rf'of shape \({B}, {T + 2}\) matched '
+                     rf'no layer input.*\({B}, {T}, {D}\)'):
+    stats(net, ids, mask, jnp.ones((B, T + 2), bool))
+  # The matching mask still works after the failed capture closed.
+  assert jax.tree_util.tree_leaves(stats(net, ids, mask, mask))

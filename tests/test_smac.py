@@ -181,3 +181,100 @@ def test_smac_bad_inputs():
               grad_sq={'other': {smac.GRAD_SQ: jnp.ones((4,))}})
   with pytest.raises(ValueError, match='inv_every'):
     smac.scale_by_grad_sq(inv_every=0)
+
+
+H, SCALES = 2, (1.0, 30.0)   # head 1's loss weight: its E[g²] is ~900x
+
+
+class Heads(nn.Module):
+  """A batched DenseGeneral (one kernel per head) and a batched Einsum.
+
+  With ``full=True`` the outputs are perturbed at full size for the
+  reference's per-row cotangents.
+  """
+  full: bool = False
+
+  @nn.compact
+  def __call__(self, x):                                # x: [H, B, T, 3]
+    y = nn.DenseGeneral(4, batch_dims=(0,), name='heads')(x)   # [H, B, T, 4]
+    if self.full:
+      y = self.perturb('heads_out', y)
+    z = nn.Einsum((H, 4, 2), 'hbtf,hfo->bhto', name='mix')(jnp.tanh(y))
+    if self.full:
+      z = self.perturb('mix_out', z)
+    return z * jnp.asarray(SCALES)[None, :, None, None]
+
+
+def test_batched_layers_get_one_scale_per_head_and_output():
+  x = jnp.asarray(_RNG.normal(size=(H, 5, 3, 3)), jnp.float32)
+  target = jnp.asarray(_RNG.normal(size=(5, H, 3, 2)), jnp.float32)
+  net = Heads()
+  params = init_params(net, x, seed=3)
+  probes = smac.probes_like(net, {'params': params}, x)
+  assert jax.tree.map(jnp.shape, probes) == {
+      'heads': {smac.GRAD_SQ: (H, 1, 4)}, 'mix': {smac.GRAD_SQ: (H, 1, 2)}}
+  loss_of = lambda out: jnp.mean((out - target) ** 2)
+
+  def loss(p, q):
+    with smac.capture():
+      return loss_of(net.apply({'params': p, smac.PROBES: q}, x))
+  grads, grad_sq = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, probes)
+
+  full = Heads(full=True)
+  pert = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+      full.init, jax.random.PRNGKey(0), x)['perturbations'])
+  cot = jax.grad(lambda q: loss_of(full.apply(
+      {'params': params, 'perturbations': q}, x)))(pert)
+  g_heads = np.asarray(cot['heads_out'], np.float64)     # [H, B, T, 4]
+  g_mix = np.asarray(cot['mix_out'], np.float64)         # [B, H, T, 2]
+  ref = {'heads': (g_heads ** 2).mean(axis=(1, 2)),
+         'mix': (g_mix ** 2).mean(axis=(0, 2))}
+  assert ref['mix'][1].mean() / ref['mix'][0].mean() > 100
+  for k in ref:
+    np.testing.assert_allclose(grad_sq[k][smac.GRAD_SQ][:, 0], ref[k],
+                               rtol=1e-5, atol=1e-14)
+  # One step of the factor alone: the debiased EMA is the statistic itself.
+  tx = smac.scale_by_grad_sq(DAMPING_Z, BETA)
+  updates, _ = tx.update(grads, tx.init(params), grad_sq=grad_sq)
+  for k in ref:
+    scale = 1.0 / (ref[k] + DAMPING_Z)                   # [H, out]
+    np.testing.assert_allclose(
+        updates[k]['kernel'],
+        np.asarray(grads[k]['kernel'], np.float64) * scale[:, None, :],
+        rtol=1e-5)
+    np.testing.assert_allclose(
+        updates[k]['bias'], np.asarray(grads[k]['bias'], np.float64) * scale,
+        rtol=1e-5)
+
+
+def test_einsum_bias_in_another_order_than_the_kernel_raises():
+  layer = nn.Einsum((3, 4, 2), 'btd,dkh->bthk', name='layer')
+  x = jnp.ones((2, 5, 3))
+  params = layer.init(jax.random.PRNGKey(0), x)['params']
+  with pytest.raises(ValueError, match='smac: einsum layer.*bias whose axes '
+                     'are in another order'):
+    smac.probes_like(layer, {'params': params}, x)
+
+
+class _Tied(nn.Module):
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(7, 4, name='embed')
+    return embed.attend(nn.Dense(4, name='dense')(embed(tokens)))
+
+
+def test_unscaled_layers_names_what_smac_leaves_to_mac_alone():
+  tokens = jnp.array([[1, 2, 3]])
+  model = _Tied()
+  params = init_params(model, tokens)
+  plan = mac_linen.plan(model, {'params': params}, tokens)
+  probes = smac.probes_like(model, {'params': params}, tokens)
+  assert set(plan.keys) == {'dense', 'embed'}
+  assert smac.unscaled_layers(plan, probes) == ('embed',)
+  x = BATCHES[0][0]
+  net = Net()
+  net_params = init_params(net, x)
+  assert smac.unscaled_layers(
+      mac_linen.plan(net, {'params': net_params}, x),
+      smac.probes_like(net, {'params': net_params}, x)) == ()

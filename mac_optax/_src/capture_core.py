@@ -6,7 +6,8 @@ interceptor; NNX: a class patch) and how they sow (``module.sow`` into the
 else is here, written once:
 
 * :class:`Options` and :class:`OpenCaptures`: the options of the open
-  captures, per thread, entered and exited from any thread;
+  captures, at most one per thread (nesting raises), entered and exited
+  from any thread; a token mask that matched no input raises on exit;
 * :class:`AttentionCall`: one call of a supported attention layer. Its
   projections' statistics are held until the call returns; the value
   projection is the one whose output is the ``value`` the layer's
@@ -63,59 +64,159 @@ class Options:
 
   ``token_mask`` is the capture's ``[*batch, tokens]`` padding mask (an
   array, traced under ``jit``) or None; see the token-mask module for which
-  inputs it applies to.
+  inputs it applies to. ``exclude`` says which layers are not captured
+  (linen: a predicate on paths, :func:`excluder`; NNX: on modules);
+  ``where`` names the capture in errors.
   """
   attention: str
   embed_lookup: bool
   token_mask: Optional[jax.Array] = None
+  exclude: Callable[[str], bool] = lambda path: False
+  where: str = 'capture'
 
   @classmethod
   def checked(cls, attention_mode: str, embed_lookup: bool,
-              token_mask: Any = None) -> Options:
+              token_mask: Any = None, exclude: Any = None,
+              where: str = 'capture') -> Options:
     """Validated options.
 
     Raises:
-      ValueError: an unknown attention mode, a malformed mask, or a mask
+      ValueError: an unknown attention mode, a malformed mask, a mask
         with ``attention='product_of_means'`` (whose ``Σ_j w_j x̄_j`` has no
-        real-token form).
+        real-token form), or a malformed `exclude`.
     """
     mode = attention.check_mode(attention_mode)
     mask = token_mask_lib.checked(token_mask)
     if mask is not None and mode == attention.PRODUCT_OF_MEANS:
       raise ValueError("mac: attention='product_of_means' is not defined "
                        "with a token_mask; use attention='exact'.")
-    return cls(mode, bool(embed_lookup), mask)
+    return cls(mode, bool(embed_lookup), mask, excluder(exclude), where)
+
+
+EXCLUDED = 'excluded by the user'
+
+
+def excluder(exclude: Any) -> Callable[[str], bool]:
+  """``exclude=`` as a predicate on layer paths (``'Block_0/Dense_1'``).
+
+  Args:
+    exclude: None, a path, a sequence of paths (a layer and every layer
+      below it: ``'Block_0'`` excludes ``'Block_0/Dense_1'``), or a
+      predicate ``path -> bool``.
+
+  Raises:
+    TypeError: anything else.
+  """
+  if exclude is None:
+    return lambda path: False
+  if callable(exclude):
+    return lambda path: bool(exclude(path))
+  paths = (exclude,) if isinstance(exclude, str) else exclude
+  if not isinstance(paths, (list, tuple, set, frozenset)) or not all(
+      isinstance(p, str) for p in paths):
+    raise TypeError(
+        'mac: exclude= takes a layer path, a list of paths '
+        "(['Block_0/Dense_1']) or a predicate path -> bool, got "
+        f'{exclude!r}.')
+  paths = tuple(p.strip('/') for p in paths)
+  return lambda path: any(path == p or path.startswith(p + '/')
+                          for p in paths)
+
+
+NESTED = (
+    'mac: {where}() was entered while another capture is open in this '
+    'thread. Nested captures have no single meaning (which options, which '
+    'token mask, sown once or twice?), so MAC refuses them: open one capture '
+    'around the forward pass, with the options it needs.')
 
 
 class OpenCaptures:
-  """The open captures of all threads; each thread sees its own innermost.
+  """The open captures of all threads, at most one per thread.
 
   ``exit`` removes an entry by identity, so a capture entered in one thread
-  may be exited in another.
+  may be exited in another. Each capture with a token mask watches what
+  the mask met (the token-mask module) and :meth:`exit` reports it.
   """
 
   def __init__(self):
     self._lock = threading.Lock()
-    self._open: list[tuple[int, Options]] = []
+    self._open: list[tuple[int, Options,
+                           Optional[token_mask_lib.MaskCheck]]] = []
 
   def enter(self, options: Options) -> int:
-    """Registers `options` for this thread; returns the number open."""
-    with self._lock:
-      self._open.append((threading.get_ident(), options))
-      return len(self._open)
+    """Registers `options` for this thread; returns the number open.
 
-  def exit(self, options: Options) -> int:
-    """Removes `options` (from any thread); returns the number still open."""
-    with self._lock:
-      self._open = [(t, o) for t, o in self._open if o is not options]
-      return len(self._open)
-
-  def current(self) -> Optional[Options]:
-    """The innermost open capture of this thread, or None."""
+    Raises:
+      ValueError: this thread already has an open capture.
+    """
     me = threading.get_ident()
     with self._lock:
-      mine = [o for t, o in self._open if t == me]
+      if any(t == me for t, _, _ in self._open):
+        raise ValueError(NESTED.format(where=options.where))
+      check = token_mask_lib.watch(options.token_mask, options.where)
+      self._open.append((me, options, check))
+      return len(self._open)
+
+  def exit(self, options: Options
+           ) -> tuple[int, Callable[[], None]]:
+    """Removes `options` (from any thread).
+
+    Returns:
+      The number still open, and a function that raises if the capture's
+      token mask matched no input (call it when no other error is under
+      way, after cleaning up).
+    """
+    with self._lock:
+      mine = [c for _, o, c in self._open if o is options]
+      self._open = [e for e in self._open if e[1] is not options]
+      remaining = len(self._open)
+    for check in mine:
+      token_mask_lib.unwatch(check)
+
+    def verify() -> None:
+      for check in mine:
+        if check is not None:
+          check.verify()
+
+    return remaining, verify
+
+  def current(self) -> Optional[Options]:
+    """The open capture of this thread, or None."""
+    me = threading.get_ident()
+    with self._lock:
+      mine = [o for t, o, _ in self._open if t == me]
     return mine[-1] if mine else None
+
+
+def mark_excluded(plan: Any, excluded: Callable[[str], bool]) -> Any:
+  """`plan` with the excluded layers' parameters passed as :data:`EXCLUDED`."""
+  passed = tuple(
+      dataclasses.replace(p, reason=EXCLUDED)
+      if excluded(p.path.rpartition('/')[0]) else p for p in plan.passed)
+  return dataclasses.replace(plan, passed=passed)
+
+
+def static_scalars(args: Any) -> tuple[list, Callable[[list], Any]]:
+  """Splits the example inputs of a plan into traced leaves and the rest.
+
+  Python scalars (a ``train`` flag given by position) stay Python values,
+  as they are when the model is called outside ``jit``: traced, a flag
+  would fail in the model's ``if`` with a tracer error.
+
+  Returns:
+    The array leaves, and a function rebuilding `args` from them.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  static = [isinstance(leaf, (bool, int, float, complex, str))
+            for leaf in leaves]
+  traced = [leaf for leaf, s in zip(leaves, static) if not s]
+
+  def rebuild(new: list) -> Any:
+    it = iter(new)
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaf if s else next(it) for leaf, s in zip(leaves, static)])
+
+  return traced, rebuild
 
 
 # -------------------------------------------------------------- attention
@@ -183,9 +284,11 @@ class AttentionCall:
     self.where = where
     self.mode = options.attention
     self.mask = options.token_mask
+    self._thread = threading.get_ident()
     self._value = None
     self._weights: list = []
     self._held: list[_Held] = []
+    self._skipped: list = []
 
   def recording(self, attention_fn: Callable) -> Callable:
     """A pass-through ``attention_fn`` that records ``value`` and weights."""
@@ -200,6 +303,9 @@ class AttentionCall:
 
     @functools.wraps(attention_fn)  # keeps the signature Flax filters on
     def wrapper(query, key, value, *args, **kwargs):
+      if threading.get_ident() != self._thread:
+        # A module shared with an uncaptured thread: not this call's.
+        return attention_fn(query, key, value, *args, **kwargs)
       self._value = value
       kwargs['module'] = _Recorder(self._weights, kwargs.get('module'),
                                    self.mask)
@@ -213,6 +319,10 @@ class AttentionCall:
     """Holds a projection's statistic until :meth:`release`."""
     self._held.append(_Held(sow, mean, inputs, output, on_value))
 
+  def skip(self, output: Any) -> None:
+    """Notes the output of a projection the user excluded (``exclude=``)."""
+    self._skipped.append(output)
+
   def release(self) -> None:
     """Sows the held statistics, the value projection's attention-mixed.
 
@@ -220,6 +330,10 @@ class AttentionCall:
       ValueError: the probabilities were not recorded exactly once, or not
         exactly one projection produced the value the attention read.
     """
+    if any(out is self._value for out in self._skipped):
+      for held in self._held:   # the value projection is excluded
+        held.sow(held.mean)
+      return
     values = [h for h in self._held if h.output is self._value]
     if len(self._weights) != 1 or len(values) != 1:
       raise ValueError(

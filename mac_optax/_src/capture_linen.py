@@ -163,6 +163,13 @@ def _interceptor(next_fun: Callable, args, kwargs, context, *,
     survey.module_types[_path(module)] = type(module).__name__
   if module.is_initializing():
     return next_fun(*args, **kwargs)
+  owner = calls[-1][1] if calls and calls[-1][0] == tuple(
+      module.path[:-1]) else None
+  if options.exclude(_path(module)):
+    out = next_fun(*args, **kwargs)
+    if owner is not None:
+      owner.skip(out)
+    return out
   if _is_attention(module, method, options, calls):
     return _call_attention(module, next_fun, args, kwargs, options, calls)
   found = _statistic(module, method, args, kwargs, options)
@@ -178,8 +185,6 @@ def _interceptor(next_fun: Callable, args, kwargs, context, *,
   if not module.is_mutable_collection(COLLECTION):
     return next_fun(*args, **kwargs)
   sow = lambda m: module.sow(COLLECTION, name, m)
-  owner = calls[-1][1] if calls and calls[-1][0] == tuple(
-      module.path[:-1]) else None
   if owner is None or name != statistics.MEAN:
     sow(mean)
     return next_fun(*args, **kwargs)
@@ -196,7 +201,8 @@ def _interceptor(next_fun: Callable, args, kwargs, context, *,
 @contextlib.contextmanager
 def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
             embed_lookup: bool = False,
-            token_mask: Optional[jax.Array] = None) -> Iterator[None]:
+            token_mask: Optional[jax.Array] = None,
+            exclude: Any = None) -> Iterator[None]:
   """Sows MAC statistics from every supported layer of an unmodified model.
 
   Supported: ``nn.Dense`` (any leading axes), ``nn.DenseGeneral`` (any
@@ -238,7 +244,18 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
       the mask's shape, and the value projection's mixed mean over real
       queries. Other inputs (pooled features, images) keep their plain
       mean; a ``Conv`` whose input leads with the mask's shape raises. The
-      rule and its limits: ``docs/supported_layers.md``.
+      rule and its limits: ``docs/supported_layers.md``. A mask that
+      leads no layer input of the forward pass (a wrong length or axis
+      order) raises when the capture closes.
+    exclude: layers not to capture, passed through unchanged: a module
+      path (``'Block_0/mix'``; a path excludes everything below it too), a
+      list of paths, or a predicate ``path -> bool``. Give the plan the
+      same ``exclude``. For layers MAC cannot model (an einsum whose kernel
+      axis is summed away) or should not touch.
+
+  Raises:
+    ValueError: a capture is already open in this thread (nested captures
+      are refused), or, on exit, `token_mask` matched no layer input.
 
   Example:
     >>> with mac_optax.linen.capture():
@@ -247,14 +264,19 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
     >>> updates, state = tx.update(grads, state, params,
     ...                            intermediates=v['intermediates'])
   """
-  options = capture_core.Options.checked(attention, embed_lookup, token_mask)
+  options = capture_core.Options.checked(
+      attention, embed_lookup, token_mask, exclude,
+      where='mac_optax.linen.capture')
   interceptor = functools.partial(_interceptor, options=options, calls=[])
   _OPEN.enter(options)
   try:
     with nn.intercept_methods(interceptor):
       yield
-  finally:
+  except BaseException:
     _OPEN.exit(options)
+    raise
+  _, verify = _OPEN.exit(options)
+  verify()
 
 
 def sow_attention(projection: nn.Module, inputs: jax.Array, *,
@@ -313,7 +335,8 @@ def sow_attention(projection: nn.Module, inputs: jax.Array, *,
 
 
 def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # pylint: disable=redefined-outer-name
-         embed_lookup: bool = False, **kwargs) -> plan_lib.LayerPlan:
+         embed_lookup: bool = False, exclude: Any = None,
+         **kwargs) -> plan_lib.LayerPlan:
   """The layer plan of a linen model: what MAC preconditions, and how.
 
   Runs one abstract forward pass (``jax.eval_shape``, no FLOPs) under
@@ -324,9 +347,12 @@ def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # p
     model: the linen module.
     variables: its variables (``{'params': ...}``), arrays or shapes.
     *args: example inputs of ``model.apply`` (arrays or shapes; one
-      example's batch is enough).
-    attention: as in :func:`capture`.
+      example's batch is enough). Python scalars among them (a ``train``
+      flag given by position) are static, as outside ``jit``.
+    attention: as in :func:`capture` (keyword only, like every option).
     embed_lookup: as in :func:`capture`.
+    exclude: as in :func:`capture`; the excluded layers' parameters are
+      listed as passed through, 'excluded by the user'.
     **kwargs: keyword arguments of ``model.apply`` (e.g. ``train=True``).
 
   Returns:
@@ -343,23 +369,27 @@ def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # p
     >>> tx = mac_optax.mac_sgd(0.1, momentum=0.9, plan=plan)
   """
   survey = capture_core.Survey()
+  traced, rebuild = capture_core.static_scalars(args)
+  excluded = capture_core.excluder(exclude)
 
-  def forward(variables, *args):
+  def forward(variables, traced):
     with capture_core.surveying(survey), capture(
-        attention=attention, embed_lookup=embed_lookup):
-      _, state = model.apply(variables, *args, mutable=True, **kwargs)
+        attention=attention, embed_lookup=embed_lookup, exclude=excluded):
+      _, state = model.apply(variables, *rebuild(traced), mutable=True,
+                             **kwargs)
     return state.get(COLLECTION, {})
 
-  like = jax.eval_shape(forward, variables, *args)
-  return plan_lib.from_statistics(
+  like = jax.eval_shape(forward, variables, traced)
+  return capture_core.mark_excluded(plan_lib.from_statistics(
       variables['params'], like, kinds=survey.kinds,
       module_types=survey.module_types, called=survey.called,
-      layouts=survey.layouts)
+      layouts=survey.layouts), excluded)
 
 
 def intermediates_like(model: nn.Module, variables: Any, *args,
                        attention: str = 'exact',  # pylint: disable=redefined-outer-name
-                       embed_lookup: bool = False, **kwargs) -> Any:
+                       embed_lookup: bool = False, exclude: Any = None,
+                       **kwargs) -> Any:
   """Shapes of the intermediates a captured ``model.apply`` returns.
 
   ``plan(...).intermediates_like``; prefer passing the plan itself to
@@ -369,4 +399,5 @@ def intermediates_like(model: nn.Module, variables: Any, *args,
     A pytree of ``jax.ShapeDtypeStruct`` like ``v['intermediates']``.
   """
   return plan(model, variables, *args, attention=attention,
-              embed_lookup=embed_lookup, **kwargs).intermediates_like
+              embed_lookup=embed_lookup, exclude=exclude,
+              **kwargs).intermediates_like

@@ -116,6 +116,11 @@ def _linear(module, args, kwargs, options):
       _first_input(args, kwargs), mask=options.token_mask)
 
 
+_EXCLUDE_HINT = ('exclude=[the module] (e.g. exclude=[model.mix]) to '
+                 'mac_optax.nnx.capture and exclude=[its path] to '
+                 'mac_optax.nnx.plan')
+
+
 def _einsum_roles(module) -> Optional[einsum_layout.AxisRoles]:
   """The kernel roles the plan records for `module` (from its attributes).
 
@@ -125,7 +130,8 @@ def _einsum_roles(module) -> Optional[einsum_layout.AxisRoles]:
   where = type(module).__name__
   if isinstance(module, nnx.Einsum):
     return einsum_layout.roles_of(module.einsum_str,
-                                  tuple(module.kernel_shape), where)
+                                  tuple(module.kernel_shape), where,
+                                  exclude=_EXCLUDE_HINT)
   if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
     return einsum_layout.dense_general_roles(
         tuple(module.batch_axis.values()), module.in_features,
@@ -159,7 +165,7 @@ def _einsum(module, args, kwargs, options):
   equation = module.einsum_str if equation is None else equation
   stat, roles = einsum_layout.call_statistic(
       equation, _first_input(args, kwargs), jnp.shape(module.kernel[...]),
-      type(module).__name__, options.token_mask)
+      type(module).__name__, options.token_mask, exclude=_EXCLUDE_HINT)
   _checked_roles(module, roles)
   return statistics.EINSUM_MEAN, stat
 
@@ -229,9 +235,41 @@ def _options_for(patch: _Patch, module: nnx.Module
   `module`.
   """
   options = _OPEN.current()
-  if not patch.active or options is None or not _collecting(module):
+  if (not patch.active or options is None or not _collecting(module)
+      or options.exclude(module)):
     return None
+  _claim(module, options)
   return options
+
+
+# Modules run by each open capture: module id -> (module, options). One
+# model object run by two captures at once (two threads) cannot be captured:
+# nnx.capture keeps the sown values on the module objects themselves.
+_CLAIMS: dict[int, tuple[nnx.Module, capture_core.Options]] = {}
+_CLAIMS_LOCK = threading.Lock()
+
+SHARED = (
+    "mac: the NNX module {name} is run under mac_optax.nnx.capture() by two "
+    'threads at once. nnx.capture keeps the values it collects on the module '
+    'objects themselves (and the capture swaps the attention_fn of attention '
+    "layers for the call), so two threads' statistics would mix (for "
+    "attention: 'could not identify its value projection'). Give each thread "
+    'its own model object (nnx.clone(model), or nnx.split / nnx.merge in the '
+    'thread; under nnx.jit each trace already has its own), or run the '
+    'captured forward passes one at a time.')
+
+
+def _claim(module: nnx.Module, options: capture_core.Options) -> None:
+  with _CLAIMS_LOCK:
+    held = _CLAIMS.setdefault(id(module), (module, options))
+  if held[0] is module and held[1] is not options:
+    raise ValueError(SHARED.format(name=type(module).__name__))
+
+
+def _release_claims(options: capture_core.Options) -> None:
+  with _CLAIMS_LOCK:
+    for key in [k for k, (_, o) in _CLAIMS.items() if o is options]:
+      del _CLAIMS[key]
 
 
 def _stat_wrapper(patch: _Patch, statistic: Callable) -> Callable:
@@ -241,7 +279,12 @@ def _stat_wrapper(patch: _Patch, statistic: Callable) -> Callable:
   def wrapper(self, *args, **kwargs):
     options = _options_for(patch, self)
     if options is None:
-      return original(self, *args, **kwargs)
+      out = original(self, *args, **kwargs)
+      current = _OPEN.current()
+      call = _owner_call(self)
+      if current is not None and call is not None and current.exclude(self):
+        call.skip(out)   # an excluded projection of an attention call
+      return out
     found = statistic(self, args, kwargs, options)
     if found is None:
       return original(self, *args, **kwargs)
@@ -273,7 +316,9 @@ def _attention_wrapper(patch: _Patch) -> Callable:
     call = capture_core.AttentionCall(type(self).__name__, options)
     attention_fn = self.attention_fn
     # The static attribute is swapped for this call only, bypassing NNX's
-    # attribute bookkeeping: the graph structure does not change.
+    # attribute bookkeeping: the graph structure does not change. No other
+    # capture runs this module meanwhile (_options_for); an uncaptured
+    # thread calling it passes through the recorder.
     object.__setattr__(self, 'attention_fn', call.recording(attention_fn))
     _attention_calls().append((self, call))
     try:
@@ -330,15 +375,20 @@ class _Capture:
       if _OPEN.enter(self._options) == 1:
         _install()
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, exc_type, *exc) -> None:
+    _release_claims(self._options)
     with _LOCK:
-      if _OPEN.exit(self._options) == 0:
+      remaining, verify = _OPEN.exit(self._options)
+      if remaining == 0:
         _uninstall()
+    if exc_type is None:
+      verify()
 
 
 def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
             embed_lookup: bool = False,
-            token_mask: Optional[jax.Array] = None) -> _Capture:
+            token_mask: Optional[jax.Array] = None,
+            exclude: Any = None) -> _Capture:
   """Sows MAC statistics from every supported layer of an unmodified model.
 
   Run the model through ``nnx.capture(model, nnx.Intermediate)`` inside this
@@ -361,8 +411,8 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
   A layer called several times contributes the mean of its calls' means.
 
   Outside this context, in another thread, or when the model is called
-  without ``nnx.capture``, the layers run exactly as without it. Re-entrant;
-  the innermost capture's options apply.
+  without ``nnx.capture``, the layers run exactly as without it. One
+  capture per thread: entering one inside another raises.
 
   Args:
     attention: the value statistic of ``nnx.MultiHeadAttention``:
@@ -378,7 +428,16 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
       neither contracts, batches nor sums) average over real tokens only,
       as in :func:`mac_optax.linen.capture`; the value projection of
       ``nnx.MultiHeadAttention`` averages over real queries. A ``Conv``
-      input leading with the mask's shape raises.
+      input leading with the mask's shape raises, and so does a mask that
+      leads no layer input of the forward pass (on exit).
+    exclude: layers not to capture, passed through unchanged: a list of
+      modules (``[model.mix]``; each with everything below it) or a
+      predicate ``module -> bool``. NNX calls do not know their paths, so
+      the capture takes the modules; :func:`plan` takes paths too.
+
+  Raises:
+    ValueError: a capture is already open in this thread, or, on exit,
+      `token_mask` matched no layer input.
 
   Example:
     >>> def loss_fn(model):
@@ -388,8 +447,26 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
     >>> (l, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     >>> optimizer.update(model, grads, intermediates=inter)
   """
-  return _Capture(capture_core.Options.checked(attention, embed_lookup,
-                                               token_mask))
+  return _Capture(capture_core.Options.checked(
+      attention, embed_lookup, token_mask, _module_excluder(exclude),
+      where='mac_optax.nnx.capture'))
+
+
+def _module_excluder(exclude: Any) -> Callable[[nnx.Module], bool]:
+  """``exclude=`` of the NNX capture as a predicate on modules."""
+  if isinstance(exclude, nnx.Module):   # modules are callable too
+    exclude = [exclude]
+  if exclude is None or callable(exclude):
+    return exclude
+  if not isinstance(exclude, (list, tuple)) or not all(
+      isinstance(m, nnx.Module) for m in exclude):
+    raise TypeError(
+        'mac: mac_optax.nnx.capture(exclude=...) takes modules '
+        '([model.mix]) or a predicate module -> bool (NNX calls do not know '
+        f'their paths), got {exclude!r}.')
+  ids = {id(node) for m in exclude for _, node in nnx.iter_graph(m)
+         if isinstance(node, nnx.Module)}
+  return lambda module: id(module) in ids
 
 
 def sow_attention(projection: nnx.Module, inputs: jax.Array, *,
@@ -475,7 +552,8 @@ def _survey(model: nnx.Module, attention_mode: str) -> capture_core.Survey:
 
 
 def plan(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=redefined-outer-name
-         embed_lookup: bool = False, **kwargs) -> plan_lib.LayerPlan:
+         embed_lookup: bool = False, exclude: Any = None,
+         **kwargs) -> plan_lib.LayerPlan:
   """The layer plan of an NNX model: what MAC preconditions, and how.
 
   Runs one abstract forward pass (``jax.eval_shape``, no FLOPs; `model` is
@@ -485,9 +563,14 @@ def plan(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=
 
   Args:
     model: the NNX module.
-    *args: example inputs of ``model(...)`` (arrays or shapes).
-    attention: as in :func:`capture`.
+    *args: example inputs of ``model(...)`` (arrays or shapes). Python
+      scalars among them (a flag given by position) are static.
+    attention: as in :func:`capture` (keyword only, like every option).
     embed_lookup: as in :func:`capture`.
+    exclude: layers the training step's capture excludes: paths
+      (``['mix']``, each with everything below it), a predicate
+      ``path -> bool``, or the modules themselves; their parameters are
+      listed as passed through, 'excluded by the user'.
     **kwargs: keyword arguments of ``model(...)``.
 
   Returns:
@@ -501,26 +584,51 @@ def plan(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=
     ...     wrt=nnx.Param)
   """
   graphdef, state = nnx.split(model)
+  traced, rebuild = capture_core.static_scalars(args)
+  excluded = _excluded_paths(model, exclude)
 
-  def forward(state, *args):
+  def forward(state, traced):
     copy = nnx.merge(graphdef, state)
-    with capture(attention=attention, embed_lookup=embed_lookup):
-      _, inter = nnx.capture(copy, nnx.Intermediate)(*args, **kwargs)
+    modules = [node for path, node in nnx.iter_graph(copy)
+               if isinstance(node, nnx.Module)
+               and excluded(_join(path))]
+    with capture(attention=attention, embed_lookup=embed_lookup,
+                 exclude=modules):
+      _, inter = nnx.capture(copy, nnx.Intermediate)(*rebuild(traced),
+                                                     **kwargs)
     return inter
 
-  like = jax.eval_shape(forward, state, *args)
+  like = jax.eval_shape(forward, state, traced)
   survey = _survey(model, attention)
-  return plan_lib.from_statistics(
+  return capture_core.mark_excluded(plan_lib.from_statistics(
       nnx.state(model, nnx.Param), like, kinds=survey.kinds,
-      module_types=survey.module_types, layouts=survey.layouts)
+      module_types=survey.module_types, layouts=survey.layouts), excluded)
+
+
+def _join(path) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+def _excluded_paths(model: nnx.Module, exclude: Any
+                    ) -> Callable[[str], bool]:
+  """``exclude=`` of :func:`plan` (paths, a predicate or modules) on paths."""
+  if isinstance(exclude, nnx.Module) or (
+      isinstance(exclude, (list, tuple))
+      and any(isinstance(m, nnx.Module) for m in exclude)):
+    chosen = _module_excluder(exclude)
+    paths = [_join(p) for p, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Module) and chosen(node)]
+    return capture_core.excluder(paths)
+  return capture_core.excluder(exclude)
 
 
 def intermediates_like(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=redefined-outer-name
-                       embed_lookup: bool = False, **kwargs) -> Any:
+                       embed_lookup: bool = False, exclude: Any = None,
+                       **kwargs) -> Any:
   """Shapes of the intermediates a captured forward pass of `model` returns.
 
   ``plan(...).intermediates_like``; prefer passing the plan itself to
   ``mac(plan=...)``.
   """
   return plan(model, *args, attention=attention, embed_lookup=embed_lookup,
-              **kwargs).intermediates_like
+              exclude=exclude, **kwargs).intermediates_like

@@ -42,6 +42,7 @@ from mac_optax._src import rank_one
 from mac_optax._src import statistics
 from mac_optax._src import transform
 from mac_optax._src.layout import KernelLayout
+from mac_optax._src.layout import LayoutError
 
 _LOOKUP_SUFFIX = '@lookup'
 
@@ -86,10 +87,17 @@ def _inferred_layer(key: str, used: jax.Array, paths, leaves
                      'embedding in the gradients.')
   bias_index = (paths.get(path + ('bias',)) if stat == statistics.MEAN
                 else None)
-  layout = KernelLayout.from_statistic(
-      used.shape, leaves[kernel_index].shape,
-      None if bias_index is None else leaves[bias_index].shape,
-      transposed=stat == statistics.ATTEND_MEAN)
+  try:
+    layout = KernelLayout.from_statistic(
+        used.shape, leaves[kernel_index].shape,
+        None if bias_index is None else leaves[bias_index].shape,
+        transposed=stat == statistics.ATTEND_MEAN)
+  except LayoutError as e:
+    raise ValueError(
+        f"diagnostics: layer '{key}': its layout cannot be inferred from its "
+        f'state and kernel ({e}). Einsum-style layers (nn.Einsum, '
+        'DenseGeneral/LinearGeneral with batch axes) are known only to the '
+        'plan: pass plan= (the plan given to mac).') from None
   return plan_lib.PlannedLayer(name, stat, plan_lib.STATISTIC, layout)
 
 

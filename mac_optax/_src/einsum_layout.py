@@ -105,7 +105,8 @@ def _expand(term: str, ndim: int, fill: str, where: str) -> str:
 
 
 def parse(equation: str, input_ndim: Optional[int],
-          kernel_shape: Sequence[int], where: str) -> EinsumLayer:
+          kernel_shape: Sequence[int], where: str,
+          exclude: Optional[str] = None) -> EinsumLayer:
   """Classifies the kernel axes of ``einsum(equation, x, kernel)``.
 
   Args:
@@ -114,16 +115,21 @@ def parse(equation: str, input_ndim: Optional[int],
       input's letters keep their ellipsis, never a kernel letter).
     kernel_shape: the (unstacked) kernel shape.
     where: the layer's path, for error messages.
+    exclude: how to exclude the layer, for the error message (default:
+      ``exclude=['<where>']`` to the capture and the plan).
 
   Raises:
     ValueError: the equation is one MAC cannot model (see the module
-      docstring), naming the layer.
+      docstring), naming the layer and how to exclude it.
   """
   eq = equation.replace(' ', '')
+  if exclude is None:
+    exclude = f'exclude=[{where!r}] to the capture and to the plan'
   fail = lambda why: ValueError(
       f"mac: einsum layer '{where}' ({equation!r}): {why} MAC cannot "
-      'precondition it; exclude its parameters with optax.masked / '
-      'optax.partition.')
+      f'precondition it: pass {exclude}, and the layer is passed through '
+      'unchanged (optax.masked cannot help: the capture itself refuses '
+      'the layer).')
   if '->' not in eq or eq.count(',') != 1:
     raise fail('the equation must be explicit ("->") with two operands.')
   operands, y = eq.split('->')
@@ -169,9 +175,9 @@ def parse(equation: str, input_ndim: Optional[int],
 
 
 def roles_of(equation: str, kernel_shape: Sequence[int],
-             where: str) -> AxisRoles:
+             where: str, exclude: Optional[str] = None) -> AxisRoles:
   """The kernel roles of an equation, without an input (see :func:`parse`)."""
-  return parse(equation, None, kernel_shape, where).roles
+  return parse(equation, None, kernel_shape, where, exclude).roles
 
 
 def dense_general_roles(batch_shape: Sequence[int],
@@ -244,14 +250,15 @@ def dense_general_equation(input_ndim: int, batch_dims: Sequence[int],
 
 
 def call_statistic(equation: str, x: jax.Array, kernel_shape: Sequence[int],
-                   where: str, mask: Optional[jax.Array] = None
+                   where: str, mask: Optional[jax.Array] = None,
+                   exclude: Optional[str] = None
                    ) -> tuple[jax.Array, AxisRoles]:
   """The ``[G, d_in]`` statistic and kernel roles of one einsum-layer call.
 
   Raises:
     ValueError: an equation MAC cannot model (naming `where`).
   """
-  layer = parse(equation, x.ndim, kernel_shape, where)
+  layer = parse(equation, x.ndim, kernel_shape, where, exclude)
   return statistic(layer, x, mask), layer.roles
 
 

@@ -367,7 +367,7 @@ def _check_known(plan: LayerPlan, found, index) -> None:
     raise ValueError(
         f'mac: statistics of layers the plan does not know: {unknown}. '
         'Build the plan from the same model, inputs and capture options '
-        '(attention=, embed_lookup=) as the training step.')
+        '(attention=, embed_lookup=, exclude=) as the training step.')
 
 
 def _program_statistics(plan: LayerPlan, stats: Any) -> dict:
@@ -436,10 +436,18 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
     pairings.append(Pairing(layer, kernel_index, bias_index, tuple(calls)))
   if missing and not found:
     raise ValueError(NO_STATISTICS)
+  lookups = [key for key in missing if key.endswith('@lookup')]
+  if lookups:
+    raise ValueError(
+        f'mac: the plan preconditions the embedding lookups {lookups} (it was '
+        'built with embed_lookup=True) but no lookup statistic came back: '
+        'open the capture with embed_lookup=True like the plan, or build the '
+        'plan without it.')
   if missing:
     raise ValueError(
         f'mac: no statistic for the planned layers {missing}. If the model '
         'legitimately skips them on some steps, list them in '
         'mac(optional_layers=...); otherwise check that the forward pass '
-        'calls them under the capture.')
+        'calls them under the capture (and that the capture does not '
+        'exclude= layers the plan was built with).')
   return pairings

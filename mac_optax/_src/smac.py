@@ -10,9 +10,18 @@ update of a layer is then, with ``Ĝ`` laid out ``(d_in [+1], d_out)``::
 output columns, so it commutes with ``A⁻¹``: :func:`scale_by_grad_sq` is a
 separate transform chained with :func:`mac_optax.mac`.
 
+Layers: SMAC follows MAC's layer model. ``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Einsum`` and ``nn.Conv`` get a probe; a batched layer (``DenseGeneral``
+with ``batch_dims``, an ``Einsum`` with batch letters) is one layer per batch
+index, so ``ẑ`` and ``Z`` have one entry per batch index and output unit (the
+heads of a batched projection do not share a scale). Layers without a probe
+keep ``Z = 1`` (MAC alone): ``nn.Embed`` (``attend`` and lookups), layers
+sown by hand (``sow_mean``, ``sow_attention``) and NNX models (the probes are
+linen only); :func:`unscaled_layers` lists them for a plan. An einsum whose bias runs over its output axes in another order
+than the kernel's raises.
+
 Getting ``E_rows[g²]`` in JAX without materializing ``g``: inside
-:func:`capture`, the output ``y`` of every ``nn.Dense``/``nn.DenseGeneral``/
-``nn.Conv`` goes through a custom-VJP identity ``y ↦ y + 0·probe`` whose
+:func:`capture`, the output ``y`` of every supported layer goes through a custom-VJP identity ``y ↦ y + 0·probe`` whose
 backward pass returns the cotangent ``g`` unchanged to the layer and
 ``mean_rows(g²)`` (float32, shape of the output units) as the cotangent of
 ``probe``. ``probe`` is a zero variable in the ``'mac_probes'`` collection,
@@ -67,7 +76,8 @@ GRAD_SQ = 'mac_grad_sq'  # the probe's name at each layer's path
 
 class SmacLayerState(NamedTuple):
   """Gradient statistics of one layer."""
-  grad_sq: jax.Array   # [*out] EMA of E_rows[g²], not bias-corrected
+  grad_sq: jax.Array   # [*out] EMA of E_rows[g²], not bias-corrected (the
+                       # probe's shape: batched layers keep their batch axes)
   count: jax.Array     # [] int32, statistics folded so far
   scale: jax.Array     # [*out] Z = 1/(ẑ+λ) in use (refreshed every
                        # `inv_every` steps)
@@ -95,6 +105,24 @@ def _probe_leaves(grad_sq: Any) -> dict[str, jax.Array]:
     if GRAD_SQ in names:
       found['/'.join(names[:names.index(GRAD_SQ)])] = leaf
   return found
+
+
+def unscaled_layers(plan: Any, probes: Any) -> tuple[str, ...]:
+  """The layers of a MAC plan that SMAC leaves with ``Z = 1`` (no probe).
+
+  Args:
+    plan: the :class:`mac_optax.LayerPlan` given to ``mac``.
+    probes: the probes (:func:`probes_like`).
+
+  Returns:
+    The plan's layer keys without a probe: ``Embed.attend`` tables, lookups,
+    hand-sown layers (module docstring). Empty when SMAC covers every layer.
+  """
+  probed = set(_probe_leaves(probes))
+  return tuple(layer.key for layer in plan.layers
+               if layer.statistic == statistics.LOOKUP_MEAN
+               or layer.statistic == statistics.ATTEND_MEAN
+               or layer.path not in probed)
 
 
 def _empty(shape) -> SmacLayerState:
@@ -163,7 +191,9 @@ def scale_by_grad_sq(
         raise ValueError(f"smac: a probe at '{key}' has no parameter "
                          f"'{key}/kernel' in the gradients.")
       kernel = leaves[kernel_index]
-      if tuple(kernel.shape[kernel.ndim - z.ndim:]) != tuple(z.shape):
+      trailing = kernel.shape[kernel.ndim - z.ndim:]
+      if z.ndim > kernel.ndim or any(
+          n not in (1, k) for n, k in zip(z.shape, trailing)):
         raise ValueError(
             f"smac: layer '{key}': statistic of shape {z.shape} does not "
             f'match the output axes of its kernel {kernel.shape}.')
@@ -178,6 +208,11 @@ def scale_by_grad_sq(
       bias_index = paths.get(path + ('bias',))
       if bias_index is not None:
         bias = leaves[bias_index]
+        if bias.size != scale.size:
+          raise ValueError(
+              f"smac: layer '{key}': a bias of shape {bias.shape} does not "
+              f'match its statistic of shape {z.shape} (one entry per output '
+              'unit and batch index).')
         leaves[bias_index] = (bias * scale.reshape(bias.shape)).astype(
             bias.dtype)
     new_state = SmacState(optax.safe_increment(state.step), layers)

@@ -24,6 +24,11 @@ recognized. A convolution whose input's leading axes have the mask's shape
 raises: its windows read padding into the patches of real positions, which
 no row mask removes.
 
+A mask that no input of the whole forward pass leads with (``[B, T+1]``,
+``[T, B]``, ``[B, T, 1]``) raises when its capture closes, naming its shape
+and the input shapes it met: one non-matching input is a pooled head or an
+encoder sequence, none at all is a wrong mask (:class:`MaskCheck`).
+
 Attention (value projections): with probabilities ``P_bhij`` and query mask
 ``m_bi`` (the queries are token rows when ``P``'s batch axes and query axis
 have the mask's shape), the per-key weights average over heads and *real*
@@ -36,6 +41,7 @@ when the attention mask excludes them).
 
 from __future__ import annotations
 
+import threading
 from typing import Optional, Sequence
 
 import jax
@@ -67,6 +73,86 @@ def leads(mask: Optional[jax.Array], shape: Sequence[int]) -> bool:
   return mask is not None and tuple(shape[:mask.ndim]) == tuple(mask.shape)
 
 
+# ------------------------------------------------------------ mask checks
+#
+# A mask that gives no input token rows is a wrong mask ([B, T+1], [T, B],
+# [B, T, 1]), not a model without tokens: the capture would average the
+# padding in while the user believes it is excluded. Every decision of the
+# rule is noted for the capture that owns the mask (found by identity), and
+# the capture raises on exit if it decided something and never matched.
+
+
+class MaskCheck:
+  """What one capture's token mask met: input shapes, and any token rows."""
+
+  def __init__(self, mask: jax.Array, where: str):
+    self.mask = mask     # held, so its id is not reused while registered
+    self.where = where
+    self.matched = False
+    self.shapes: list[tuple[int, ...]] = []
+
+  def note(self, shape: Sequence[int], matched: bool) -> None:
+    self.matched = self.matched or matched
+    shape = tuple(shape)
+    if shape not in self.shapes:
+      self.shapes.append(shape)
+
+  def verify(self) -> None:
+    """Raises if the mask was checked against inputs and matched none.
+
+    Raises:
+      ValueError: naming the mask's shape and the input shapes it met.
+    """
+    if self.matched or not self.shapes:
+      return
+    shown = ', '.join(str(s) for s in self.shapes[:8]) + (
+        ', ...' if len(self.shapes) > 8 else '')
+    raise ValueError(
+        f'mac: {self.where}(token_mask=...) of shape {tuple(self.mask.shape)} '
+        'matched no layer input, so padding would be averaged into every '
+        f'statistic. The inputs it was checked against have shapes {shown}. '
+        'A mask must have the leading axes of the token inputs, '
+        '[*batch, tokens] (for an input [B, T, D] a mask [B, T]); check its '
+        'length and axis order, or open the capture without token_mask for a '
+        'model without token inputs.')
+
+
+_LOCK = threading.Lock()
+_CHECKS: dict[int, list[MaskCheck]] = {}
+
+
+def watch(mask: Optional[jax.Array], where: str) -> Optional[MaskCheck]:
+  """Starts noting the rule's decisions for `mask`; None for no mask."""
+  if mask is None:
+    return None
+  check = MaskCheck(mask, where)
+  with _LOCK:
+    _CHECKS.setdefault(id(mask), []).append(check)
+  return check
+
+
+def unwatch(check: Optional[MaskCheck]) -> None:
+  """Stops noting for `check` (from any thread)."""
+  if check is None:
+    return
+  with _LOCK:
+    checks = _CHECKS.get(id(check.mask), [])
+    checks[:] = [c for c in checks if c is not check]
+    if not checks:
+      _CHECKS.pop(id(check.mask), None)
+
+
+def _note(mask: Optional[jax.Array], shape: Sequence[int],
+          matched: bool) -> None:
+  if mask is None:
+    return
+  with _LOCK:
+    checks = list(_CHECKS.get(id(mask), ()))
+  for check in checks:
+    if check.mask is mask:
+      check.note(shape, matched)
+
+
 def row_weights(mask: Optional[jax.Array], shape: Sequence[int],
                 row_axes: Sequence[int], dtype) -> Optional[jax.Array]:
   """The mask as 0/1 weights if an input has token rows (the rule), or None.
@@ -77,11 +163,15 @@ def row_weights(mask: Optional[jax.Array], shape: Sequence[int],
     row_axes: the input's row axes (neither contracted, batched nor summed).
     dtype: the weights' dtype (the statistic's).
   """
-  if not leads(mask, shape):
+  if mask is None:
     return None
+  if not leads(mask, shape):
+    _note(mask, shape, False)
+    return None
+  _note(mask, shape, True)
   rows = {a % len(shape) for a in row_axes}
   if not all(a in rows for a in range(mask.ndim)):
-    return None
+    return None   # the layer reads the tokens itself: a match, not a miss
   return jax.lax.stop_gradient(mask != 0).astype(dtype)
 
 
@@ -93,6 +183,7 @@ def count(weights: jax.Array, other_rows: int) -> jax.Array:
 def check_not_conv(mask: Optional[jax.Array], shape: Sequence[int],
                    where: str) -> None:
   """Raises if a convolution's input leads with the mask's shape (see top)."""
+  _note(mask, shape, False)
   if leads(mask, shape):
     raise ValueError(
         f"mac: convolution '{where}': its input {tuple(shape)} leads with "
@@ -114,6 +205,9 @@ def query_weights(mask: Optional[jax.Array], probs_shape: Sequence[int]
   if mask is None:
     return None
   shape = tuple(probs_shape)
-  if shape[:-3] + (shape[-2],) != tuple(mask.shape):
+  queries = shape[:-3] + (shape[-2],)
+  if queries != tuple(mask.shape):
+    _note(mask, queries, False)
     return None
+  _note(mask, queries, True)
   return jax.lax.stop_gradient(mask != 0).astype(np.float32)
