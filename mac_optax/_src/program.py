@@ -587,9 +587,12 @@ def _bias(ctx, level, trails, values) -> None:
       continue
     if any(lab[0] == 'p' for lab in out_t.axes[i]):
       return None   # a column the bias does not cover
+  default = [a for a in range(len(found.layout.shape))
+             if a not in found.layout.inputs]
   try:
-    layout = dataclasses.replace(found.layout, bias_shape=tuple(bias_shape),
-                                 bias_axes=tuple(mapping))
+    layout = dataclasses.replace(
+        found.layout, bias_shape=tuple(bias_shape),
+        bias_axes=None if mapping == default else tuple(mapping))
   except LayoutError:
     return None
   if found.bias_leaf not in (None, bias_leaf):
