@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -351,6 +351,33 @@ def _arranged_input(x, pairs, trail: Trail, shape):
   return x, free_axes, (groups, d_in)
 
 
+def _register(registry: Registry, trail: Trail, role_of_axis: dict,
+              key: str, kind: str, op: str, column_groups: int = 1
+              ) -> Optional[Found]:
+  """The layer of one call: its roles checked and registered, or None.
+
+  A parameter that cannot be this layer is passed through with the reason.
+  """
+  leaf = trail.source[1]
+  if registry.exclude(registry.leaf_names[leaf]):
+    registry.pass_leaf(leaf, 'excluded by the user (exclude=)')
+    return None
+  shape = registry.leaf_shapes[leaf]
+  roles, why = _roles_of(trail, shape, role_of_axis)
+  layout = None
+  if roles is not None:
+    try:
+      layout = _layout_from_roles(shape, roles, len(trail.stack),
+                                  column_groups=column_groups)
+    except LayoutError as e:
+      why = str(e)
+  if layout is None:
+    _unmodellable(registry, leaf, why, op)
+    return None
+  return registry.add(Found(key, leaf, kind, layout,
+                            tuple(s for _, s in trail.stack)))
+
+
 def _kernel_key(registry: Registry, leaf: int, suffix: str = '') -> str:
   return registry.leaf_names[leaf] + suffix
 
@@ -377,31 +404,16 @@ def _dot_general(ctx, level, eqn, values, trails):
   trail, x = trails[k], values[1 - k]
   leaf = trail.source[1]
   key = _kernel_key(registry, leaf)
-  if registry.exclude(key):
-    registry.pass_leaf(leaf, 'excluded by the user (exclude=)')
-    return [out], [None], {}
   contract_k = (contract_l, contract_r)[k]
   contract_x = (contract_l, contract_r)[1 - k]
   batch_k, batch_x = (batch_l, batch_r)[k], (batch_l, batch_r)[1 - k]
-  kernel_ndim = values[k].ndim
-  role_of_axis = {a: 'output' for a in range(kernel_ndim)}
+  role_of_axis = {a: 'output' for a in range(values[k].ndim)}
   role_of_axis.update({a: 'input' for a in contract_k})
   role_of_axis.update({a: 'batch' for a in batch_k})
+  if _register(registry, trail, role_of_axis, key, DENSE,
+               'dot_general') is None:
+    return [out], [None], {}
   shape = registry.leaf_shapes[leaf]
-  roles, why = _roles_of(trail, shape, role_of_axis)
-  layout = None
-  if roles is not None:
-    try:
-      layout = _layout_from_roles(shape, roles, len(trail.stack))
-    except LayoutError as e:
-      why = str(e)
-  if layout is None:
-    _unmodellable(registry, leaf, why, 'dot_general')
-    return [out], [None], {}
-  found = registry.add(Found(key, leaf, DENSE, layout,
-                             tuple(s for _, s in trail.stack)))
-  if found is None:
-    return [out], [None], {}
   pairs = ([(xa, ka, 'input') for xa, ka in zip(contract_x, contract_k)]
            + [(xa, ka, 'batch') for xa, ka in zip(batch_x, batch_k)])
   rows, free, (groups, d_in) = _arranged_input(x, pairs, trail, shape)
@@ -443,9 +455,6 @@ def _conv(ctx, level, eqn, values, trails):
     return [out], [None], {}
   leaf = rhs_t.source[1]
   key = _kernel_key(registry, leaf)
-  if registry.exclude(key):
-    registry.pass_leaf(leaf, 'excluded by the user (exclude=)')
-    return [out], [None], {}
   p = eqn.params
   dn = p['dimension_numbers']
   lhs_spec, rhs_spec = tuple(dn.lhs_spec), tuple(dn.rhs_spec)
@@ -456,22 +465,10 @@ def _conv(ctx, level, eqn, values, trails):
   groups = p['feature_group_count']
   role_of_axis = {rhs_spec[0]: 'output'}
   role_of_axis.update({a: 'input' for a in rhs_spec[1:]})
+  if _register(registry, rhs_t, role_of_axis, key, CONV,
+               'conv_general_dilated', groups) is None:
+    return [out], [None], {}
   shape = registry.leaf_shapes[leaf]
-  roles, why = _roles_of(rhs_t, shape, role_of_axis)
-  layout = None
-  if roles is not None:
-    try:
-      layout = _layout_from_roles(shape, roles, len(rhs_t.stack),
-                                  column_groups=groups)
-    except LayoutError as e:
-      why = str(e)
-  if layout is None:
-    _unmodellable(registry, leaf, why, 'conv_general_dilated')
-    return [out], [None], {}
-  found = registry.add(Found(key, leaf, CONV, layout,
-                             tuple(s for _, s in rhs_t.stack)))
-  if found is None:
-    return [out], [None], {}
   x = values[0]
   channels_last = jnp.transpose(x, (lhs_spec[0],) + lhs_spec[2:] +
                                 (lhs_spec[1],))
@@ -525,24 +522,9 @@ def _gather(ctx, level, eqn, values, trails):
     registry.pass_leaf(leaf, 'embedding lookup (plan(..., embed_lookup=True)'
                        ' preconditions it with token frequencies)')
     return [out], [None], {}
-  if registry.exclude(registry.leaf_names[leaf]):
-    registry.pass_leaf(leaf, 'excluded by the user (exclude=)')
-    return [out], [None], {}
   role_of_axis = {a: 'output' for a in range(table.ndim)}
   role_of_axis[axis] = 'input'
-  shape = registry.leaf_shapes[leaf]
-  roles, why = _roles_of(trail, shape, role_of_axis)
-  layout = None
-  if roles is not None:
-    try:
-      layout = _layout_from_roles(shape, roles, len(trail.stack))
-    except LayoutError as e:
-      why = str(e)
-  if layout is None:
-    _unmodellable(registry, leaf, why, 'gather')
-    return [out], [None], {}
-  if registry.add(Found(key, leaf, LOOKUP, layout,
-                        tuple(s for _, s in trail.stack))) is None:
+  if _register(registry, trail, role_of_axis, key, LOOKUP, 'gather') is None:
     return [out], [None], {}
   ids = values[1][..., column]
   mask = registry.token_mask
@@ -605,9 +587,12 @@ def _bias(ctx, level, trails, values) -> None:
       continue
     if any(lab[0] == 'p' for lab in out_t.axes[i]):
       return None   # a column the bias does not cover
+  default = [a for a in range(len(found.layout.shape))
+             if a not in found.layout.inputs]
   try:
-    layout = dataclasses.replace(found.layout, bias_shape=tuple(bias_shape),
-                                 bias_axes=tuple(mapping))
+    layout = dataclasses.replace(
+        found.layout, bias_shape=tuple(bias_shape),
+        bias_axes=None if mapping == default else tuple(mapping))
   except LayoutError:
     return None
   if found.bias_leaf not in (None, bias_leaf):
