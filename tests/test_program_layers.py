@@ -452,6 +452,6 @@ def test_token_mask_averages_real_tokens_and_real_queries():
   rows = np.einsum('bhqt,btd->bhqd', probs, xs) * m[:, None, :, None]
   rows = rows.reshape(2, kv_heads, 2, 6, d).sum((0, 2, 3))
   ref.assert_close(stats['wv'], rows / (2 * m.sum()))
-  with pytest.raises(ValueError, match='matches no layer input'):
+  with pytest.raises(ValueError, match='matched no layer input'):
     mac_optax.with_statistics(fn, plan, token_mask=jnp.ones((2, 7), bool))(
         params, x)

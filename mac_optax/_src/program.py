@@ -69,8 +69,8 @@ class Registry:
   exclude: Callable[[str], bool]
   embed_lookup: bool = False
   token_mask: Any = None         # [*batch, tokens], or None
-  masked: bool = False           # the mask matched some layer's rows
-  row_shapes: list = dataclasses.field(default_factory=list)
+  # What the mask met (the captures' check: it must match some input).
+  mask_check: Optional[token_mask_lib.MaskCheck] = None
   found: dict[str, Found] = dataclasses.field(default_factory=dict)
   dropped: dict[str, str] = dataclasses.field(default_factory=dict)
   reasons: dict[int, str] = dataclasses.field(default_factory=dict)
@@ -420,10 +420,9 @@ def _dot_general(ctx, level, eqn, values, trails):
   rows = jax.lax.stop_gradient(rows)
   flat = rows.reshape(rows.shape[:len(free)] + (groups * d_in,))
   mask = registry.token_mask
-  if token_mask_lib.row_weights(mask, flat.shape, range(flat.ndim - 1),
-                                jnp.float32) is not None:
-    registry.masked = True
-  registry.row_shapes.append(flat.shape[:-1])
+  if registry.mask_check is not None:
+    registry.mask_check.note(flat.shape[:-1], token_mask_lib.row_weights(
+        mask, flat.shape, range(flat.ndim - 1), jnp.float32) is not None)
   stat = mean_inputs.dense_mean(flat, (-1,), mask).reshape(groups, d_in)
   call = _Call(key, level.id, stat, rows.reshape(
       rows.shape[:len(free)] + (groups, d_in)), free)
@@ -528,8 +527,8 @@ def _gather(ctx, level, eqn, values, trails):
     return [out], [None], {}
   ids = values[1][..., column]
   mask = registry.token_mask
-  if token_mask_lib.leads(mask, ids.shape):
-    registry.masked = True
+  if registry.mask_check is not None:
+    registry.mask_check.note(ids.shape, token_mask_lib.leads(mask, ids.shape))
   stat = attention_lib.token_frequencies(ids, table.shape[axis], mask)
   level.calls.append(_Call(key, level.id, stat))
   return [out], [None], {}
@@ -723,7 +722,7 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
   if (mask is not None and len(queries) == 1
       and batch_shape + (queries[0][1],) == tuple(mask.shape)):
     # Real queries only: Σ_{b,q} m_bq Σ_t P_bqt x_bt / Σ m (and heads).
-    registry.masked = True
+    registry.mask_check.note(batch_shape + (queries[0][1],), True)
     m = jax.lax.stop_gradient(mask != 0).astype(dtype)
     w = jnp.einsum(f"{''.join(p_letters)},{batch_letters}{queries[0][0]}"
                    f'->{w_spec}', probs, m, precision=_HIGHEST)
@@ -917,14 +916,8 @@ def run(fn: Callable, registry: Registry, params, args, kwargs):
   outs, _, nested = _evaluate(_Context(registry), level, closed.jaxpr,
                               list(closed.consts), flat, trails)
   totals = _finish(level, nested, registry)
-  mask = registry.token_mask
-  if mask is not None and not registry.masked:
-    raise ValueError(
-        f'mac: the token_mask of shape {tuple(mask.shape)} matches no layer '
-        'input: a masked input leads with the mask\'s shape [*batch, '
-        f'tokens] on its row axes; the layer inputs\' row axes here are '
-        f'{sorted(set(registry.row_shapes))}. Give the mask of the inputs\' '
-        '[batch, tokens] axes, or no mask.')
+  if registry.mask_check is not None:
+    registry.mask_check.verify()
   stats = {}
   for found in registry.layers():
     if found.key not in totals:

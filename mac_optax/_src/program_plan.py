@@ -217,6 +217,9 @@ def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan, *,
   def wrapped(params, *args, **kwargs):
     registry = _registry(params, exclude, embed_lookup)
     registry.token_mask = token_mask_lib.checked(token_mask)
+    if registry.token_mask is not None:
+      registry.mask_check = token_mask_lib.MaskCheck(registry.token_mask,
+                                                     'with_statistics')
     out, stats = program.run(fn, registry, params, args, kwargs)
     _check_same(plan, registry, stats)
     return out, stats
