@@ -455,3 +455,46 @@ def test_token_mask_averages_real_tokens_and_real_queries():
   with pytest.raises(ValueError, match='matched no layer input'):
     mac_optax.with_statistics(fn, plan, token_mask=jnp.ones((2, 7), bool))(
         params, x)
+
+
+class MixedNet(nn.Module):
+  """A Flax Dense next to a layer written with its own code."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.initializers.normal(0.5), (5, x.shape[-1]))
+    h = jnp.tanh(x @ w.T)   # (out, in), invisible to the class-based capture
+    return nn.Dense(3)(h)
+
+
+def test_flax_plans_name_the_layers_only_the_program_sees():
+  x = jnp.ones((2, 4))
+  variables = MixedNet().init(jax.random.PRNGKey(12), x)
+  plan = mac_optax.linen.plan(MixedNet(), variables, x)
+  reasons = {p.path: p.reason for p in plan.passed}
+  assert 'a dense layer of the program (roles oi)' in reasons['w']
+  assert 'mac_optax.plan(fn, params, x)' in reasons['w']
+  with pytest.raises(ValueError, match='found no layer') as e:
+    mac_optax.linen.plan(TiedLm(jit=False), TiedLm(jit=False).init(
+        jax.random.PRNGKey(13), jnp.zeros((1, 3), jnp.int32)),
+                         jnp.zeros((1, 3), jnp.int32))
+  assert 'block/gating/w' in str(e.value)
+  assert 'a dense layer of the program' in str(e.value)
+
+
+def test_nnx_plan_names_a_layer_only_the_program_sees():
+  from flax import nnx   # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (5, 4)))
+      self.head = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(jnp.tanh(x @ self.w[...].T))
+
+  plan = mac_optax.nnx.plan(Net(nnx.Rngs(0)), jnp.ones((2, 4)))
+  assert plan.keys == ('head',)
+  reasons = {p.path: p.reason for p in plan.passed}
+  assert 'a dense layer of the program (roles oi)' in reasons['w']

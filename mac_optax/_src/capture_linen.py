@@ -29,6 +29,7 @@ from mac_optax._src import capture_core
 from mac_optax._src import einsum_layout
 from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
+from mac_optax._src import program_plan
 from mac_optax._src import statistics
 from mac_optax._src.conv_geometry import ConvGeometry
 
@@ -155,8 +156,35 @@ def _call_attention(module: nn.Module, next_fun: Callable, args, kwargs,
   return out
 
 
+_NESTED = object()   # marks a model applied inside a captured model
+
+
 def _interceptor(next_fun: Callable, args, kwargs, context, *,
-                 options: capture_core.Options, calls: list) -> Any:
+                 options: capture_core.Options, calls: list,
+                 active: list) -> Any:
+  """Follows the captured model's calls; a model applied inside it is left.
+
+  ``nn.Dense(...).apply({'params': {'kernel': table.T}}, h)`` inside a model
+  has its own variables: its statistics could not reach this model's
+  intermediates, and its kernel is no parameter of this model. Such calls
+  run unchanged (``mac_optax.plan`` sees them in the program).
+  """
+  if active and active[-1] is _NESTED:
+    return next_fun(*args, **kwargs)
+  # A bound top-level module's parent is its scope, a submodule's a module.
+  nested = bool(active) and not isinstance(context.module.parent, nn.Module)
+  active.append(_NESTED if nested else context.module)
+  try:
+    if nested:
+      return next_fun(*args, **kwargs)
+    return _intercept(next_fun, args, kwargs, context, options=options,
+                      calls=calls)
+  finally:
+    active.pop()
+
+
+def _intercept(next_fun: Callable, args, kwargs, context, *,
+               options: capture_core.Options, calls: list) -> Any:
   module, method = context.module, context.method_name
   survey = capture_core.current_survey()
   if survey is not None:
@@ -267,7 +295,8 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
   options = capture_core.Options.checked(
       attention, embed_lookup, token_mask, exclude,
       where='mac_optax.linen.capture')
-  interceptor = functools.partial(_interceptor, options=options, calls=[])
+  interceptor = functools.partial(_interceptor, options=options, calls=[],
+                                  active=[])
   _OPEN.enter(options)
   try:
     with nn.intercept_methods(interceptor):
@@ -380,10 +409,16 @@ def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # p
     return state.get(COLLECTION, {})
 
   like = jax.eval_shape(forward, variables, traced)
-  return capture_core.mark_excluded(plan_lib.from_statistics(
+  result = capture_core.mark_excluded(plan_lib.from_statistics(
       variables['params'], like, kinds=survey.kinds,
       module_types=survey.module_types, called=survey.called,
       layouts=survey.layouts), excluded)
+
+  def program_fn(params, traced):
+    return model.apply({**variables, 'params': params}, *rebuild(traced),
+                       mutable=True, **kwargs)
+  return program_plan.checked_capture_plan(
+      result, program_fn, variables['params'], (traced,), {})
 
 
 def intermediates_like(model: nn.Module, variables: Any, *args,

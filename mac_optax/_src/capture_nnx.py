@@ -50,6 +50,7 @@ from mac_optax._src import capture_core
 from mac_optax._src import einsum_layout
 from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
+from mac_optax._src import program_plan
 from mac_optax._src import statistics
 from mac_optax._src.conv_geometry import ConvGeometry
 
@@ -600,9 +601,16 @@ def plan(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=
 
   like = jax.eval_shape(forward, state, traced)
   survey = _survey(model, attention)
-  return capture_core.mark_excluded(plan_lib.from_statistics(
-      nnx.state(model, nnx.Param), like, kinds=survey.kinds,
+  params = nnx.state(model, nnx.Param)
+  result = capture_core.mark_excluded(plan_lib.from_statistics(
+      params, like, kinds=survey.kinds,
       module_types=survey.module_types, layouts=survey.layouts), excluded)
+  graph, _, rest = nnx.split(model, nnx.Param, ...)
+
+  def program_fn(params, traced):
+    return nnx.merge(graph, params, rest)(*rebuild(traced), **kwargs)
+  return program_plan.checked_capture_plan(result, program_fn, params,
+                                           (traced,), {})
 
 
 def _join(path) -> str:
