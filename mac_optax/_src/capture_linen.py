@@ -156,35 +156,8 @@ def _call_attention(module: nn.Module, next_fun: Callable, args, kwargs,
   return out
 
 
-_NESTED = object()   # marks a model applied inside a captured model
-
-
 def _interceptor(next_fun: Callable, args, kwargs, context, *,
-                 options: capture_core.Options, calls: list,
-                 active: list) -> Any:
-  """Follows the captured model's calls; a model applied inside it is left.
-
-  ``nn.Dense(...).apply({'params': {'kernel': table.T}}, h)`` inside a model
-  has its own variables: its statistics could not reach this model's
-  intermediates, and its kernel is no parameter of this model. Such calls
-  run unchanged (``mac_optax.plan`` sees them in the program).
-  """
-  if active and active[-1] is _NESTED:
-    return next_fun(*args, **kwargs)
-  # A bound top-level module's parent is its scope, a submodule's a module.
-  nested = bool(active) and not isinstance(context.module.parent, nn.Module)
-  active.append(_NESTED if nested else context.module)
-  try:
-    if nested:
-      return next_fun(*args, **kwargs)
-    return _intercept(next_fun, args, kwargs, context, options=options,
-                      calls=calls)
-  finally:
-    active.pop()
-
-
-def _intercept(next_fun: Callable, args, kwargs, context, *,
-               options: capture_core.Options, calls: list) -> Any:
+                 options: capture_core.Options, calls: list) -> Any:
   module, method = context.module, context.method_name
   survey = capture_core.current_survey()
   if survey is not None:
@@ -295,8 +268,7 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
   options = capture_core.Options.checked(
       attention, embed_lookup, token_mask, exclude,
       where='mac_optax.linen.capture')
-  interceptor = functools.partial(_interceptor, options=options, calls=[],
-                                  active=[])
+  interceptor = functools.partial(_interceptor, options=options, calls=[])
   _OPEN.enter(options)
   try:
     with nn.intercept_methods(interceptor):

@@ -39,6 +39,7 @@ EINSUM = 'einsum'
 CUSTOM = 'custom'
 STATISTIC = 'statistic'   # known from a statistic's shape only
 
+_KERNEL_OF_KIND = {EMBED_ATTEND: 'embedding', EMBED_LOOKUP: 'embedding'}
 _KIND_OF_STAT = {statistics.ATTEND_MEAN: EMBED_ATTEND,
                  statistics.LOOKUP_MEAN: EMBED_LOOKUP,
                  statistics.ATTENTION_MEAN: ATTENTION_FUSED}
@@ -317,7 +318,12 @@ def from_statistics(
     if has_bias:
       used.add(bias_path)
   planned = {layer.path for layer in layers}
-  lost = sorted(set(called) - planned)
+  # A layer whose kernel is no parameter of this model belongs to a model
+  # applied inside it (`nn.Dense(...).apply({'params': {'kernel': t.T}}, h)`):
+  # its statistic could never come back here.
+  lost = sorted(p for p in set(called) - planned
+                if statistics.split(p) + (_KERNEL_OF_KIND.get(
+                    kinds.get(p), 'kernel'),) in index)
   if lost:
     raise ValueError(
         f'mac: the layers {lost} were called under the capture but their '

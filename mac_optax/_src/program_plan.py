@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence, Union
 import jax
 import numpy as np
 
+from mac_optax._src import capture_core
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import program
 from mac_optax._src import statistics
@@ -189,9 +190,9 @@ def checked_capture_plan(result: plan_lib.LayerPlan, fn: Callable[..., Any],
   passed = []
   for p in result.passed:
     found = kernels.get(p.path)
-    if found is not None:
+    if found is not None and p.reason != capture_core.EXCLUDED:
       p = dataclasses.replace(p, reason=(
-          f'a {found.kind} layer of the program (roles '
+          f'a layer in the program ({found.kind}, roles '
           f'{found.layout.roles()}) that the Flax capture does not see: '
           'mac_optax.plan(fn, params, x) preconditions it'))
     passed.append(p)
