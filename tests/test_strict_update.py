@@ -217,3 +217,97 @@ def test_overflowing_activations_still_precondition_correctly():
                              atol=1e-30)
   np.testing.assert_allclose(updates['bias'], bias, rtol=1e-4, atol=1e-30)
   np.testing.assert_allclose(state.layers[''].used[0], a, rtol=1e-5)
+
+
+@pytest.mark.parametrize('use_plan', [True, False])
+def test_gradients_of_the_whole_variables_dict_are_refused(setup, use_plan):
+  model, params, x, plan = setup
+  inter = _captured(model, params, x)
+  grads = {'params': jax.tree.map(jnp.ones_like, params)}
+  tx = mac_optax.mac(plan=plan if use_plan else None)
+  with pytest.raises(ValueError,
+                     match=r"under 'params'.*variables\['params'\]"):
+    tx.update(grads, tx.init(grads), intermediates=inter)
+  # Everything masked out of that same tree is still nothing to do.
+  frozen = optax.masked(tx, jax.tree.map(lambda _: False, grads))
+  updates, _ = frozen.update(grads, frozen.init(grads), intermediates=inter)
+  jax.tree.map(np.testing.assert_array_equal, updates, grads)
+
+
+class Inserted(nn.Module):
+  """`Net` with a layer inserted before the others (auto-named modules)."""
+  extra: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.extra:
+      x = nn.Dense(x.shape[-1])(x)
+    return nn.Dense(2)(nn.relu(nn.Dense(4)(x)))
+
+
+def test_quick_start_fixes_its_layers_after_the_first_step(setup):
+  model, params, x, _ = setup
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = mac_optax.mac()
+  full = _captured(model, params, x)
+  _, state = tx.update(grads, tx.init(params), intermediates=full)
+  assert set(state.layers) == {'hidden', 'out'}
+  # A layer of the state whose statistic is missing is no longer passed raw.
+  partial = {'hidden': full['hidden']}
+  with pytest.raises(ValueError, match=r"\['out'\].*no statistic.*plan="):
+    tx.update(grads, state, intermediates=partial)
+  # The same layer masked out (no gradient either) is left alone.
+  masked = optax.masked(tx, {'hidden': {'kernel': True, 'bias': True},
+                             'out': {'kernel': False, 'bias': False}})
+  inner = masked.init(params)._replace(inner_state=state)
+  updates, _ = masked.update(grads, inner, intermediates=partial)
+  np.testing.assert_array_equal(updates['out']['kernel'],
+                                grads['out']['kernel'])
+  # A layer inserted before the others: `Dense_0`'s average must not go on
+  # with another layer's input.
+  old = Inserted()
+  old_params = old.init(jax.random.key(0), x)['params']
+  old_grads = jax.tree.map(jnp.ones_like, old_params)
+  _, state = tx.update(old_grads, tx.init(old_params),
+                       intermediates=_captured(old, old_params, x))
+  new = Inserted(extra=True)
+  new_params = new.init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match=r"Dense_2.*not in the state.*plan="):
+    tx.update(jax.tree.map(jnp.ones_like, new_params), state,
+              intermediates=_captured(new, new_params, x))
+
+
+def _prose(root):
+  """``(where, text)`` of the README, the docs pages and every docstring."""
+  import ast
+  for path in [root / 'README.md'] + sorted((root / 'docs').glob('*.md')):
+    yield path.relative_to(root), path.read_text()
+  for path in sorted((root / 'mac_optax').rglob('*.py')):
+    if path.name == 'accumulation.py':
+      continue   # multi_steps' own module: every line of it is about it
+    tree = ast.parse(path.read_text())
+    for node in [tree] + list(ast.walk(tree)):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+        doc = ast.get_docstring(node)
+        if doc:
+          yield path.relative_to(root), doc
+
+
+def test_every_mention_of_optax_multisteps_points_to_multi_steps():
+  """``optax.MultiSteps(mac)`` keeps only the last micro-batch's statistic
+  (tests/test_accumulation.py shows it): wherever the docs or docstrings
+  name it, they say so and point to ``mac_optax.multi_steps``."""
+  import pathlib
+  import re
+  mentions = 0
+  root = pathlib.Path(__file__).resolve().parent.parent
+  for where, text in _prose(root):
+    for paragraph in re.split(r'\n\s*\n', text):
+      if not re.search(r'MultiSteps\b(?!State|MacState)', paragraph) or (
+          re.search(r'optax\.MultiSteps\(', paragraph)):   # code
+        continue
+      mentions += 1
+      shown = f'{where}: {paragraph.strip()[:200]!r}'
+      assert 'multi_steps' in paragraph, shown
+      assert re.search(r'last micro-(batch|step)', paragraph), shown
+  assert mentions >= 3

@@ -24,12 +24,23 @@ import optax
 
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import sharding
+from mac_optax._src import statistics
 
 
 class MultiStepsMacState(NamedTuple):
   """State of :func:`multi_steps`."""
   multi_steps: optax.MultiStepsState  # optax's accumulator and inner state
   intermediates: Any                  # running mean of the captured statistics
+
+
+def _flat(intermediates):
+  """Leaf paths and leaves, whatever mapping holds them (dict, FrozenDict,
+  the whole ``{'intermediates': ...}`` collection)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      statistics.strip_collection(intermediates))
+  paths = [statistics.join(tuple(statistics.key_name(k) for k in p))
+           for p, _ in flat]
+  return paths, [leaf for _, leaf in flat], treedef
 
 
 def _zeros(like):
@@ -88,7 +99,8 @@ def multi_steps(
   if plan is not None:
     intermediates_like = plan.intermediates_like
   inner = optax.MultiSteps(opt, every_k_schedule, **multi_steps_kwargs)
-  like_treedef = jax.tree_util.tree_structure(intermediates_like)
+  like_paths, _, like_treedef = _flat(intermediates_like)
+  intermediates_like = statistics.strip_collection(intermediates_like)
 
   def init_fn(params):
     return MultiStepsMacState(multi_steps=inner.init(params),
@@ -98,11 +110,19 @@ def multi_steps(
     if intermediates is None:
       raise ValueError('mac_optax.multi_steps: update() needs the captured '
                        'statistics as `intermediates=`.')
-    treedef = jax.tree_util.tree_structure(intermediates)
-    if treedef != like_treedef:
+    paths, leaves, _ = _flat(intermediates)
+    if paths != like_paths:
       raise ValueError(
           'mac_optax.multi_steps: the intermediates do not have the structure '
-          f'of `intermediates_like`: got {treedef}, expected {like_treedef}.')
+          f'of `intermediates_like`: missing '
+          f'{sorted(set(like_paths) - set(paths))[:5]}, unexpected '
+          f'{sorted(set(paths) - set(like_paths))[:5]}.')
+    if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
+      raise ValueError(
+          'mac_optax.multi_steps: the intermediates are shapes '
+          '(jax.ShapeDtypeStruct), not arrays: give update the statistics '
+          "captured in this micro-batch's forward pass.")
+    intermediates = jax.tree_util.tree_unflatten(like_treedef, leaves)
     old = state.multi_steps
     count = old.mini_step.astype(jnp.float32) + 1
     # sharding.like: an explicit-axis mesh splits a statistic as its

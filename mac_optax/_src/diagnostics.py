@@ -144,6 +144,8 @@ def layer_figures(
       preconditioned)
   figures = {}
   for key, layer_state in state.layers.items():
+    if key == transform.UNPLANNED:
+      continue
     used = layer_state.used
     if plan is not None:
       layer = plan[key]
@@ -201,5 +203,6 @@ def counters(opt_state: Any) -> dict[str, jax.Array]:
   state = find_mac_state(opt_state)
   out = {'invalid_steps': state.invalid_steps}
   for key, layer_state in state.layers.items():
-    out[f'{key}/skipped'] = jnp.sum(layer_state.skipped)
+    if key != transform.UNPLANNED:
+      out[f'{key}/skipped'] = jnp.sum(layer_state.skipped)
   return out

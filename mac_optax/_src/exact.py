@@ -67,7 +67,7 @@ def check_exact_layers(exact_layers: Optional[Mapping[str, Any]]
 
 
 def _find(key: str, paths: dict) -> tuple[int, Optional[int]]:
-  path = tuple(key.split('/'))
+  path = statistics.split(key)   # '' is the root module
   kernel_index = paths.get(path + ('kernel',))
   if kernel_index is None:
     layers = sorted('/'.join(p[:-1]) for p in paths if p[-1:] == ('kernel',))

@@ -284,7 +284,8 @@ def from_statistics(
       added.
 
   Raises:
-    ValueError: a statistic has no parameter, does not fit it, or a layer
+    ValueError: a statistic has no parameter, does not fit it, a layer's
+      kernel is masked out and its bias not (or the reverse), or a layer
       the capture supports was called but no statistic came back.
   """
   kinds = dict(kinds or {})
@@ -292,6 +293,7 @@ def from_statistics(
   module_types = dict(module_types or {})
   leaves = jax.tree_util.tree_leaves(params)
   index = statistics.leaf_paths(params)
+  masked = statistics.masked_paths(params)
   found = statistics.sown_statistics(intermediates)
   fused = {path for path, name in found if name == statistics.ATTENTION_MEAN}
   layers, used = [], set()
@@ -300,6 +302,9 @@ def from_statistics(
       continue   # sow_attention's statistic replaces the capture's
     key = statistics.join(path)
     kernel_path = path + (statistics.PARAM[name],)
+    bias_path = path + ('bias',)
+    if name in statistics.WITH_BIAS:
+      check_masked_together(key, kernel_path, bias_path, index, masked)
     if kernel_path not in index:
       if skip_missing_params:
         continue
@@ -307,7 +312,6 @@ def from_statistics(
           f"mac: a statistic '{name}' was sown at '{key}' but there is no "
           f"parameter '{statistics.join(kernel_path)}': statistics must be "
           'sown by the module that owns the parameter.')
-    bias_path = path + ('bias',)
     has_bias = name in statistics.WITH_BIAS and bias_path in index
     layout = _layer_layout(
         key, name, calls, _shape(leaves[index[kernel_path]]),
@@ -350,11 +354,56 @@ class Pairing:
 
 def _check_real(layer: PlannedLayer, leaves, *indices) -> None:
   for i in indices:
-    if i is not None and np.issubdtype(leaves[i].dtype, np.complexfloating):
+    if i is None:
+      continue
+    dtype = leaves[i].dtype
+    if dtype == jax.dtypes.float0:
+      raise ValueError(
+          f"mac: layer '{layer.path}': its gradient is float0, the gradient "
+          'of an integer parameter (jax.grad(..., allow_int=True)). MAC '
+          'preconditions real floating gradients: make the parameter '
+          'floating, or exclude the layer with optax.masked / '
+          'optax.partition.')
+    if np.issubdtype(dtype, np.complexfloating):
       raise ValueError(
           f"mac: layer '{layer.path}': its gradient is complex "
-          f'({leaves[i].dtype}). MAC is defined for real weights; exclude '
+          f'({dtype}). MAC is defined for real weights; exclude '
           'the layer with optax.masked / optax.partition.')
+
+
+def check_masked_together(key: str, kernel: statistics.Path,
+                          bias: statistics.Path, index, masked) -> None:
+  """Raises if ``optax.masked``/``optax.partition`` split a kernel and bias."""
+  for part, other in ((kernel, bias), (bias, kernel)):
+    if part in masked and other in index:
+      raise ValueError(
+          f"mac: layer '{key}': its {part[-1]} is masked out (optax.masked / "
+          f'optax.partition) but its {other[-1]} is not. MAC preconditions a '
+          "layer's kernel and bias together (the bias is the kernel's extra "
+          'input row): give both the same mask or partition label.')
+
+
+def check_not_nested(wanted: Iterable[statistics.Path],
+                     index: Mapping[statistics.Path, int]) -> None:
+  """Raises if the parameters MAC looks for are all under a prefix in `grads`.
+
+  The gradients of the whole variables dict (``{'params': ...}``) would
+  otherwise look like every layer masked out, and pass through raw.
+  Masked-out parameters are absent from `index`, so they never match.
+  """
+  wanted = [w for w in wanted if w]
+  if not wanted or any(w in index for w in wanted):
+    return
+  for w in wanted:
+    for p in index:
+      if len(p) > len(w) and p[len(p) - len(w):] == w:
+        prefix = statistics.join(p[:len(p) - len(w)])
+        raise ValueError(
+            f"mac: the layers' parameters are in the gradients under "
+            f"'{prefix}' ('{statistics.join(p)}' for "
+            f"'{statistics.join(w)}'): pass the gradients of the parameters "
+            "alone, e.g. of variables['params'] rather than of the whole "
+            'variables dict, and init with the same tree.')
 
 
 def _check_known(plan: LayerPlan, found, index) -> None:
@@ -404,7 +453,10 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
   Raises:
     ValueError: no statistic at all (the four usual causes), a planned layer
       without its statistic (unless in `optional_layers`), a statistic the
-      plan does not know, a statistic of the wrong shape, a complex gradient.
+      plan does not know, a statistic of the wrong shape or given as a
+      shape, a complex or float0 gradient, a kernel masked apart from its
+      bias, or the planned parameters all under a prefix (the gradients of
+      the whole variables dict).
   """
   leaves = jax.tree_util.tree_leaves(grads)
   index = statistics.leaf_paths(grads)
@@ -413,13 +465,23 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
   else:
     found = statistics.sown_statistics(intermediates)
     _check_known(plan, found, index)
+  masked = statistics.masked_paths(grads)
   pairings, missing = [], []
   for layer in plan.layers:
     path = statistics.split(layer.path)
     kernel_index = index.get(layer.kernel_leaf)
+    bias_index = index.get(layer.bias_leaf) if layer.has_bias else None
+    if layer.has_bias:
+      check_masked_together(layer.key, layer.kernel_leaf, layer.bias_leaf,
+                            index, masked)
     if kernel_index is None:
       continue
-    bias_index = index.get(layer.bias_leaf) if layer.has_bias else None
+    if layer.has_bias and bias_index is None:
+      raise ValueError(
+          f"mac: layer '{layer.key}': the gradients have no "
+          f"'{statistics.join(layer.bias_leaf)}' but the plan's layer has a "
+          f'bias of shape {layer.layout.bias_shape}: build the plan from the '
+          'same model as the gradients.')
     _check_real(layer, leaves, kernel_index, bias_index)
     try:
       layer.layout.check_fits(
@@ -434,12 +496,21 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
       pairings.append(Pairing(layer, kernel_index, bias_index, None))
       continue
     for call in calls:
+      if isinstance(call, jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"mac: layer '{layer.key}': its statistic is a "
+            'jax.ShapeDtypeStruct, a shape, not an array: '
+            '`plan.intermediates_like` / `intermediates_like=` describe the '
+            'statistics for init; give update the statistics captured in '
+            "this step's forward pass.")
       if _shape(call) != layer.layout.stat_shape:
         raise ValueError(
             f"mac: layer '{layer.key}': statistic of shape {_shape(call)} "
             f'does not match the plan {layer.layout.stat_shape} '
             '([*stack, groups, d_in]).')
     pairings.append(Pairing(layer, kernel_index, bias_index, tuple(calls)))
+  if not pairings:
+    check_not_nested((layer.kernel_leaf for layer in plan.layers), index)
   if missing and not found:
     raise ValueError(NO_STATISTICS)
   lookups = [key for key in missing if key.endswith('@lookup')]

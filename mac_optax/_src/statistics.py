@@ -31,9 +31,10 @@ The statistic sown at module path ``p`` preconditions the parameter at
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
+import optax
 
 # Sown names. Public as `mac_optax.MEAN`, `mac_optax.ATTEND_MEAN`, ...
 MEAN = 'mac_mean'
@@ -68,16 +69,28 @@ def key_name(key: Any) -> str:
   return str(key)
 
 
+def _names(path) -> Path:
+  names = tuple(key_name(k) for k in path)
+  while names and names[-1] in _WRAPPER_KEYS:
+    names = names[:-1]
+  return names
+
+
 def leaf_paths(tree: Any) -> dict[Path, int]:
   """Maps the string path of every leaf of `tree` to its flat index."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  paths = {}
-  for index, (path, _) in enumerate(flat):
-    names = tuple(key_name(k) for k in path)
-    while names and names[-1] in _WRAPPER_KEYS:
-      names = names[:-1]
-    paths[names] = index
-  return paths
+  return {_names(path): index for index, (path, _) in enumerate(flat)}
+
+
+def masked_paths(tree: Any) -> set[Path]:
+  """Paths ``optax.masked``/``optax.partition`` masked out of `tree`.
+
+  A masked-out leaf is an ``optax.MaskedNode``: a node without leaves, so
+  absent from :func:`leaf_paths`, but still at its path.
+  """
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
+  return {_names(path) for path, leaf in flat if is_masked(leaf)}
 
 
 def join(path: Path) -> str:
@@ -89,11 +102,21 @@ def split(path: str) -> Path:
 
 
 def strip_collection(intermediates: Any) -> Any:
-  """Accepts ``{'intermediates': {...}}`` (a linen ``mutable`` result) too."""
-  if isinstance(intermediates, dict) and set(intermediates) == {
-      'intermediates'}:
+  """Accepts the whole collection too: ``{'intermediates': {...}}``.
+
+  A linen ``mutable`` result, as a dict or a ``FrozenDict``, possibly with
+  other collections (``batch_stats``) beside it: those hold no statistic.
+  """
+  if isinstance(intermediates, Mapping) and 'intermediates' in intermediates \
+      and not any(_sown(v) for k, v in intermediates.items()
+                  if k != 'intermediates'):
     return intermediates['intermediates']
   return intermediates
+
+
+def _sown(tree: Any) -> bool:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return any(key_name(k) in PARAM for path, _ in flat for k in path)
 
 
 def is_program_statistics(tree: Any) -> bool:

@@ -60,15 +60,30 @@ def _empty_layer_state(shape, dtype) -> LayerState:
                     skipped=jnp.zeros(shape[:-2], jnp.int32))
 
 
-def _as_layer_state(key: str, value: Any) -> LayerState:
-  """A `LayerState`, also from the mapping `nnx.Optimizer` may store it as."""
-  if isinstance(value, LayerState):
-    return value
+# The quick start's `init` state holds this key instead of layers: the first
+# update replaces it with the layers it finds. A wrapper that needs `init`'s
+# structure (a cond, a scan, a checkpoint template) then fails on a key set
+# that differs by this key, and its error prints it.
+UNPLANNED = ('mac has no plan=, its first update adds the layers: for '
+             'apply_if_finite, lax.cond/scan, checkpoint templates and '
+             'mac_optax.multi_steps pass plan=')
+
+
+def _as_layer_state(key: str, value: Any, shape) -> LayerState:
+  """A `LayerState` of `shape`, also from the mapping `nnx.Optimizer` stores."""
   if isinstance(value, Mapping):
-    return LayerState(mean=value['mean'], count=value['count'],
-                      used=value['used'], skipped=value['skipped'])
-  raise ValueError(f"mac: the optimizer state has no entry for layer "
-                   f"'{key}': was `init` called with the same plan?")
+    value = LayerState(mean=value['mean'], count=value['count'],
+                       used=value['used'], skipped=value['skipped'])
+  if not isinstance(value, LayerState):
+    raise ValueError(f"mac: the optimizer state has no entry for layer "
+                     f"'{key}': was `init` called with the same plan?")
+  if tuple(value.mean.shape) != tuple(shape):
+    raise ValueError(
+        f"mac: layer '{key}': the optimizer state holds statistics of shape "
+        f"{tuple(value.mean.shape)}, the layer's are {tuple(shape)}: the "
+        'state belongs to a model of other widths. Build the state of this '
+        'model with tx.init(params) (or restore a checkpoint of this model).')
+  return value
 
 
 def _batch_mean(calls: Sequence[jax.Array], dtype, axis_name) -> jax.Array:
@@ -80,13 +95,19 @@ def _batch_mean(calls: Sequence[jax.Array], dtype, axis_name) -> jax.Array:
   return mean
 
 
-def _plan_from_step(grads: Any, intermediates: Any) -> plan_lib.LayerPlan:
+def _plan_from_step(grads: Any, intermediates: Any, exact,
+                    layers: Mapping[str, Any]) -> plan_lib.LayerPlan:
   """Without a plan (the quick start): the layers of this step's statistics.
 
+  The first update adds them to the state; from then on the state's layers
+  are the plan, as strictly as a given plan's.
+
   Raises:
-    ValueError: no statistic at all, or none pairs with a gradient leaf
-      (statistics at the wrong path and layers all masked out look the same
-      without a plan: refuse rather than silently skip MAC).
+    ValueError: no statistic at all (unless every layer is exact), none
+      pairs with a gradient leaf (unless their parameters are all masked
+      out: ``optax.MaskedNode`` at their paths), or, after the first update,
+      a layer of the state without its statistic or a statistic of a layer
+      not in the state.
   """
   found = statistics.sown_statistics(intermediates)
   if not found and statistics.is_program_statistics(intermediates):
@@ -94,19 +115,50 @@ def _plan_from_step(grads: Any, intermediates: Any) -> plan_lib.LayerPlan:
         'mac: these statistics come from mac_optax.with_statistics (keyed '
         'by layer); pass the plan they were built with: '
         'mac(plan=mac_optax.plan(fn, params, ...)).')
+  index = statistics.leaf_paths(grads)
   if not found:
+    kernels = {statistics.join(p[:-1]) for p in index
+               if p[-1:] in (('kernel',), ('embedding',))}
+    if exact and kernels <= set(exact):
+      return plan_lib.LayerPlan(())
     raise ValueError(plan_lib.NO_STATISTICS)
   known = plan_lib.from_statistics(grads, intermediates,
                                    skip_missing_params=True)
   if not known.layers:
+    wanted = [p + (statistics.PARAM[n],) for p, n in found]
+    masked = statistics.masked_paths(grads)
+    if not index or all(w in masked for w in wanted):
+      return known   # every layer masked out: nothing to precondition
+    plan_lib.check_not_nested(wanted, index)
     looked = ', '.join(f"'{statistics.join(p + (statistics.PARAM[n],))}'"
                        for p, n in sorted(found)[:5])
     raise ValueError(
         f'mac: none of the {len(found)} captured statistics has a parameter '
         f'in the gradients (looked for {looked}). Statistics must be sown at '
         'the path of the module that owns the parameter, and come from the '
-        'same model as the gradients. If every such layer is masked out '
-        '(optax.masked), pass plan= so MAC can tell.')
+        'same model as the gradients.')
+  fixed = set(layers) - {UNPLANNED}
+  if not fixed:   # the first update
+    return known
+  new = sorted(set(known.keys) - fixed - set(exact))
+  if new:
+    raise ValueError(
+        f'mac: statistics of the layers {new}, which are not in the state '
+        f'({sorted(fixed)}): without plan=, the first update fixes the '
+        'layers, and a model changed since (a layer added or renamed; '
+        "auto-named layers shift) would go on with other layers' averages. "
+        'Build the state of this model with tx.init(params), and pass plan= '
+        '(mac_optax.linen.plan / mac_optax.nnx.plan) to have it checked.')
+  lost = sorted(k for k in fixed - set(known.keys) if any(
+      statistics.split(k.split('@')[0]) + (param,) in index
+      for param in ('kernel', 'embedding')))
+  if lost:
+    raise ValueError(
+        f'mac: the layers {lost} have optimizer state but no statistic '
+        'this step (without plan=, the first update fixes the layers). If '
+        'the model legitimately skips them on some steps, pass plan= '
+        '(mac_optax.linen.plan / mac_optax.nnx.plan) with optional_layers=; '
+        'otherwise check that the forward pass calls them under the capture.')
   return known
 
 
@@ -169,17 +221,20 @@ def mac(    damping: float | jax.Array = 1.0,
   The plan (``mac_optax.linen.plan`` / ``mac_optax.nnx.plan``) lists every
   preconditioned layer; ``init`` builds the complete state from it and
   ``update`` never changes the state's structure, so ``optax.apply_if_finite``,
-  ``optax.MultiSteps``, ``lax.scan`` loops, checkpoint templates and
-  ``nnx.Optimizer`` work from the first step with one compilation. ``update``
-  is strict: a planned layer without its statistic, an unknown or misshapen
-  statistic, or no statistic at all raise at trace time.
+  ``lax.scan`` loops, checkpoint templates and ``nnx.Optimizer`` work from
+  the first step with one compilation. ``update`` is strict: a planned layer
+  without its statistic, an unknown or misshapen statistic, or no statistic
+  at all raise at trace time. ``optax.MultiSteps`` commits the state on its
+  last micro-step with the last micro-batch's statistic only: use
+  :func:`mac_optax.multi_steps`, which averages all micro-batches'.
 
   Without a plan (the quick start), the layers are found in the statistics
   of the first ``update``, which then adds them to the state (the first
-  jitted step traces twice; not usable under ``lax.cond``-based wrappers
-  such as ``apply_if_finite``/``MultiSteps``). ``intermediates_like`` (the
-  shapes of the captured statistics) builds the complete state in ``init``
-  without a plan.
+  jitted step traces twice; wrappers that need ``init``'s structure, such as
+  ``apply_if_finite``, fail with an error saying to pass ``plan=``). Later
+  updates hold to these layers as strictly as to a plan.
+  ``intermediates_like`` (the shapes of the captured statistics) builds the
+  complete state in ``init`` without a plan.
 
   Hyperparameters are single numbers, checked at construction. Traced ones
   (``optax.inject_hyperparams`` under ``jit``, schedules) are checked by the
@@ -256,7 +311,7 @@ def mac(    damping: float | jax.Array = 1.0,
   def init_fn(params):
     exact_lib.check_fits(exact, params)
     known = plan_for(params)
-    layers = {}
+    layers = {} if known is not None else {UNPLANNED: None}
     for layer in (known.layers if known else ()):
       if layer.path not in exact:
         layers[layer.key] = _empty_layer_state(layer.layout.stat_shape,
@@ -269,8 +324,14 @@ def mac(    damping: float | jax.Array = 1.0,
     del params, extra
     if intermediates is None:
       raise ValueError(_MISSING_INTERMEDIATES)
-    known = plan_for(updates) or _plan_from_step(updates, intermediates)
-    pairings = plan_lib.pair(known, updates, intermediates, optional_layers)
+    known = plan_for(updates)
+    # The quick start's first update (`nnx.Optimizer` keeps UNPLANNED after).
+    first = known is None and not set(state.layers) - {UNPLANNED}
+    if known is None:
+      known = _plan_from_step(updates, intermediates, exact, state.layers)
+    # Exact layers are preconditioned without a statistic.
+    pairings = plan_lib.pair(known, updates, intermediates,
+                             optional_layers + tuple(exact))
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     # Traced hyperparameters are checked here (concrete ones were at
     # construction): a step with an invalid one folds nothing, refreshes
@@ -281,15 +342,14 @@ def mac(    damping: float | jax.Array = 1.0,
     refresh = jnp.logical_and(state.step % inv_every == 0, ok)
     new_layers = dict(state.layers)
     for p in pairings:
-      key = p.layer.key
+      key, shape = p.layer.key, p.layer.layout.stat_shape
       if p.layer.path in exact:
         continue
-      if key in state.layers or plan is not None or (
-          intermediates_like is not None):
-        layer_state = _as_layer_state(key, state.layers.get(key))
-      else:   # the quick start's first step
-        layer_state = _empty_layer_state(p.layer.layout.stat_shape,
-                                         stat_dtype)
+      if first:
+        new_layers.pop(UNPLANNED, None)
+        layer_state = _empty_layer_state(shape, stat_dtype)
+      else:
+        layer_state = _as_layer_state(key, state.layers.get(key), shape)
       layer_state = _step_layer(layer_state, p.calls, fold, refresh,
                                 stat_decay, stat_dtype, axis_name)
       new_layers[key] = layer_state
