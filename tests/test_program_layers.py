@@ -270,14 +270,19 @@ def _gqa_attention(p, x, heads=4, kv_heads=2, head_dim=3, records=None):
   return out @ p['wo']
 
 
-def test_hand_written_gqa_attention_gets_the_mixed_value_mean():
-  k = jax.random.split(jax.random.PRNGKey(4), 5)
-  d, heads, kv_heads, head_dim = 5, 4, 2, 3
+def _gqa_params(seed, d=5, heads=4, kv_heads=2, head_dim=3):
+  """The attention's kernels and a [2, 6, d] input."""
+  k = jax.random.split(jax.random.PRNGKey(seed), 5)
   params = {'wq': _init(k[0], (d, heads * head_dim)),
             'wk': _init(k[1], (d, kv_heads * head_dim)),
             'wv': _init(k[2], (d, kv_heads * head_dim)),
             'wo': _init(k[3], (heads * head_dim, d))}
-  x = jax.random.normal(k[4], (2, 6, d))
+  return params, jax.random.normal(k[4], (2, 6, d))
+
+
+def test_hand_written_gqa_attention_gets_the_mixed_value_mean():
+  d, heads, kv_heads = 5, 4, 2
+  params, x = _gqa_params(4)
   fn = lambda p, x: _gqa_attention(p, x)
   plan = mac_optax.plan(fn, params, x)
   assert plan.fraction == 1.0
@@ -432,13 +437,8 @@ def test_diagnostics_and_the_quick_start_read_program_plans():
 
 
 def test_token_mask_averages_real_tokens_and_real_queries():
-  k = jax.random.split(jax.random.PRNGKey(11), 5)
-  d, heads, kv_heads, head_dim = 5, 4, 2, 3
-  params = {'wq': _init(k[0], (d, heads * head_dim)),
-            'wk': _init(k[1], (d, kv_heads * head_dim)),
-            'wv': _init(k[2], (d, kv_heads * head_dim)),
-            'wo': _init(k[3], (heads * head_dim, d))}
-  x = jax.random.normal(k[4], (2, 6, d))
+  d, kv_heads = 5, 2
+  params, x = _gqa_params(11)
   mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
   fn = lambda p, x: _gqa_attention(p, x)
   plan = mac_optax.plan(fn, params, x)
