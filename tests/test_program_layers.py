@@ -31,8 +31,10 @@ def mac_step(fn, params, args, plan):
 
   (_, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   plain = jax.grad(lambda p: 0.5 * jnp.sum(jnp.square(fn(p, *args))))(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-6),
+  # Same gradients as the plain function, to float32 rounding (XLA fuses
+  # the two programs differently).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5),
                grads, plain)
   updates, _ = jax.jit(tx.update)(grads, state, params, intermediates=stats)
   return grads, updates, stats
