@@ -258,6 +258,9 @@ def _equation(ctx, level, eqn, values, trails):
     return outs, [_bias(ctx, level, trails, values)], {}
   if name == 'split' and trails[0] is not None:
     return outs, _split_parts(trails[0], eqn.params, values[0].shape), {}
+  if name == 'unstack' and trails[0] is not None:   # `k, v = kv` (jax 0.12)
+    return outs, _unstacked_parts(trails[0], eqn.params['axis'],
+                                  values[0].shape), {}
   return outs, [None] * len(outs), {}
 
 
@@ -273,6 +276,16 @@ def _split_parts(trail: Trail, params, shape) -> list:
     out.append(axis_labels.take_part(trail, axis, start, start + size,
                                      shape[axis]))
     start += size
+  return out
+
+
+def _unstacked_parts(trail: Trail, axis: int, shape) -> list:
+  """``unstack`` of a layer output: each index a part, its axis dropped."""
+  out = []
+  for i in range(shape[axis]):
+    part = (axis_labels.take_part(trail, axis, i, i + 1, shape[axis])
+            if trail.source[0] == 'out' else None)
+    out.append(None if part is None else axis_labels.squeeze(part, (axis,)))
   return out
 
 
@@ -792,7 +805,7 @@ def _only_params(trail):
 def _scan(ctx, level, eqn, values, trails):
   p = eqn.params
   jaxpr, consts = _closed(p['jaxpr'])
-  n_consts, n_carry = p['num_consts'], p['num_carry']
+  n_consts, n_carry = _scan_counts(p, len(values))
   scan_id = next(ctx.scan_ids)
   body_trails = list(trails[:n_consts]) + [None] * n_carry
   for t in trails[n_consts + n_carry:]:
@@ -821,6 +834,17 @@ def _scan(ctx, level, eqn, values, trails):
     else:
       totals[key] = (jnp.sum(total, 0), jnp.sum(count, 0))
   return list(carry) + list(ys), [None] * (len(carry) + len(ys)), totals
+
+
+def _scan_counts(params, n_operands: int) -> tuple[int, int]:
+  """``(consts, carries)`` among a scan's operands, in any jax version."""
+  if 'num_consts' in params:
+    return params['num_consts'], params['num_carry']
+  # jax >= 0.12: `ft_in` is a flat tree of the operand groups (consts,
+  # carry, xs); laying the operands' indices out on it gives the groups.
+  groups = params['ft_in'].update(list(range(n_operands))).unpack()
+  consts, carry = (list(g) for g in list(groups)[:2])
+  return len(consts), len(carry)
 
 
 def _sliced(trail, scan_id):
