@@ -45,6 +45,17 @@ def grads_and_statistics(params, x, y):
   return jax.grad(loss_fn, has_aux=True)(params)
 
 
+def planned_batches(seed: int, batches: int = 3):
+  """``(params, plan, [(grads, statistics)] * batches)`` of random data."""
+  rng = np.random.default_rng(seed)
+  xs = rng.normal(size=(batches, 8, 5)).astype(np.float32) + 0.5
+  ys = rng.integers(0, 3, size=(batches, 8)).astype(np.int32)
+  params = random_params(xs[0])
+  plan = mac_linen.plan(Mlp(), {'params': params}, xs[0])
+  return params, plan, [grads_and_statistics(params, x, y)
+                        for x, y in zip(xs, ys)]
+
+
 def checkpoint_run(steps, batch):
   """``(tx, params, xs, ys)`` of the checkpoint/resume tests (plan path).
 

@@ -19,14 +19,7 @@ DAMPING, DECAY = 0.5, 0.9
 @pytest.fixture(scope='module')
 def mlp():
   """Params, a plan and the gradients/statistics of three batches."""
-  rng = np.random.default_rng(0)
-  xs = rng.normal(size=(3, 8, 5)).astype(np.float32) + 0.5
-  ys = rng.integers(0, 3, size=(3, 8)).astype(np.int32)
-  params = small_mlp.random_params(xs[0])
-  plan = mac_linen.plan(small_mlp.Mlp(), {'params': params}, xs[0])
-  batches = [small_mlp.grads_and_statistics(params, x, y)
-             for x, y in zip(xs, ys)]
-  return params, plan, batches
+  return small_mlp.planned_batches(seed=0)
 
 
 def _mean(inter, layer):

@@ -144,14 +144,7 @@ def test_each_preset_wrapped_by_inject_hyperparams_equals_the_preset(name):
 @pytest.fixture(scope='module')
 def mlp_batches():
   """A linen MLP, its plan and three batches of gradients and statistics."""
-  rng = np.random.default_rng(1)
-  xs = rng.normal(size=(3, 8, 5)).astype(np.float32) + 0.5
-  ys = rng.integers(0, 3, size=(3, 8)).astype(np.int32)
-  params = small_mlp.random_params(xs[0])
-  plan = mac_optax.linen.plan(small_mlp.Mlp(), {'params': params}, xs[0])
-  batches = [small_mlp.grads_and_statistics(params, x, y)
-             for x, y in zip(xs, ys)]
-  return params, plan, batches
+  return small_mlp.planned_batches(seed=1)
 
 
 @pytest.mark.parametrize('kwargs', [
