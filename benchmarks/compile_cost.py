@@ -258,6 +258,9 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--inner', type=int, default=3)
   parser.add_argument('--json', help='also write the result here')
+  parser.add_argument('--from-json', nargs='*', help=(
+      'render earlier --json results instead of measuring (later files '
+      'replace the models they hold), with the machine line of the first'))
   args = parser.parse_args(argv)
   if args.worker:
     print(json.dumps(measure(args.worker, args.quick, args.compile_repeats,
@@ -265,6 +268,25 @@ def main(argv=None):
     return None
   from benchmarks import report  # pylint: disable=import-outside-toplevel
   from benchmarks import run  # pylint: disable=import-outside-toplevel
+  if args.from_json:
+    result = None
+    for path in args.from_json:
+      with open(path) as f:
+        part = json.load(f)
+      if result is None:
+        result = part
+        continue
+      for v, entries in part['runs'].items():
+        result['runs'].setdefault(v, {}).update(entries)
+      result['descs'].update(part['descs'])
+    text = markdown(result)
+    print(text)
+    if not args.no_write:
+      report.write_in_place(
+          RESULTS, BEGIN, END, text, result.get('machine') or run.machine(),
+          '; interleaving keeps the ratios comparable, the seconds are '
+          'inflated by the load.')
+    return result
   machine = run.machine()
   names = args.only or list(bench_models(args.quick))
   roots = {'after': os.path.dirname(HERE)}
@@ -286,6 +308,7 @@ def main(argv=None):
                 compile_repeats=args.compile_repeats, repeats=args.repeats,
                 inner=args.inner)
   machine['load_end'] = run.machine()['load']
+  result['machine'] = machine
   text = markdown(result)
   print(text)
   if args.json:

@@ -164,13 +164,14 @@ def precondition(
       along(specs.columns))
   norm_sq = jnp.sum(jnp.square(tilde), axis=in_axes)
   bias = None
+  inv_scale = 1 / scale
   if bias_grad is not None:
     bias = sharding.reshard(
         bias_grad.astype(kernel.dtype).reshape(specs.bias_shape),
         along(specs.bias))
-    projection = projection + _scale_columns(specs, 1 / scale, bias,
+    projection = projection + _scale_columns(specs, inv_scale, bias,
                                              source=specs.bias)
-    norm_sq = norm_sq + jnp.square(1 / scale)
+    norm_sq = norm_sq + jnp.square(inv_scale)
   inverse = 1 / (damping / jnp.square(scale) + norm_sq)
   coeff = _scale_columns(specs, inverse, projection)
   new_kernel = kernel - jnp.einsum(
@@ -178,7 +179,7 @@ def precondition(
       precision=_HIGHEST)
   new_bias = None
   if bias is not None:
-    new_bias = bias - _scale_columns(specs, 1 / scale, coeff,
+    new_bias = bias - _scale_columns(specs, inv_scale, coeff,
                                      target=specs.bias)
   if exact_inverse:
     new_kernel = new_kernel / damping
