@@ -179,7 +179,8 @@ def measure(name: str, quick: bool, compile_repeats: int, repeats: int,
   timed = run._interleaved(runners, repeats, inner, name)  # pylint: disable=protected-access
   stat = lambda v: dict(min=float(np.min(v)), median=float(np.median(v)))
   return dict(desc=desc, update=_update_ops(model, params, batch),
-              step_info=info, compile={k: stat(v) for k, v in compile_s.items()},
+              step_info=info,
+              compile={k: stat(v) for k, v in compile_s.items()},
               compile_cpu={k: stat(v) for k, v in compile_cpu.items()},
               step={k: dict(min=v['min'], median=v['median'])
                     for k, v in timed.items()})
