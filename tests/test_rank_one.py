@@ -96,3 +96,30 @@ def test_update_never_forms_a_d_in_by_d_in_matrix():
   assert shapes, 'no equations traced'
   assert max(int(np.prod(s)) for s in shapes) <= d_in * d_out
   assert not any(s.count(d_in) >= 2 for s in shapes)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU kernels')
+def test_compiled_update_has_no_vector_matrix_dot():
+  """`āᵀĜ` is a product summed over the inputs, not a `dot_general`.
+
+  For a vector × matrix dot XLA:CPU emits a GEMV kernel of its own per layer,
+  the largest compile cost of MAC's update; the sum compiles to a reduction.
+  """
+  layout = KernelLayout.dense((2, 48, 32), inputs=1, stack=1,
+                              bias_shape=(2, 32))
+  rng = np.random.default_rng(0)
+  g = jnp.asarray(rng.normal(size=layout.shape), jnp.float32)
+  b = jnp.asarray(rng.normal(size=layout.bias_shape), jnp.float32)
+  a = jnp.asarray(rng.normal(size=layout.stat_shape), jnp.float32)
+  fn = jax.jit(lambda g, b, a: rank_one.precondition(layout, g, b, a, 0.5))
+  text = fn.lower(g, b, a).compile().as_text()
+  entry = text[text.index('ENTRY'):]
+  assert ' fusion(' in entry
+  assert ' dot(' not in entry, entry
+  u, ub = fn(g, b, a)
+  for s in range(2):
+    ref, ref_b = _explicit(np.asarray(g[s], np.float64),
+                           np.asarray(b[s], np.float64),
+                           np.asarray(a[s, 0], np.float64), 0.5, False)
+    np.testing.assert_allclose(u[s], ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(ub[s], ref_b, rtol=2e-5, atol=2e-5)

@@ -89,7 +89,7 @@ def _as_layer_state(key: str, value: Any, shape) -> LayerState:
 def _batch_mean(calls: Sequence[jax.Array], dtype, axis_name) -> jax.Array:
   """The mean input of this step: the mean over calls (and devices)."""
   calls = [c.astype(dtype) for c in calls]
-  mean = sum(calls[1:], calls[0]) / len(calls)
+  mean = calls[0] if len(calls) == 1 else sum(calls[1:], calls[0]) / len(calls)
   if axis_name is not None:
     mean = jax.lax.pmean(mean, axis_name)
   return mean
