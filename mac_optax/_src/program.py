@@ -74,7 +74,6 @@ class Registry:
   found: dict[str, Found] = dataclasses.field(default_factory=dict)
   dropped: dict[str, str] = dataclasses.field(default_factory=dict)
   reasons: dict[int, str] = dataclasses.field(default_factory=dict)
-  biases: dict[int, str] = dataclasses.field(default_factory=dict)
 
   def pass_leaf(self, leaf: int, reason: str) -> None:
     self.reasons.setdefault(leaf, reason)
@@ -565,8 +564,8 @@ def _lookup_axis(eqn, table) -> tuple[Optional[int], Optional[int]]:
   return partial[0], list(dn.start_index_map).index(partial[0])
 
 
-def _bias(ctx, level, trails, values) -> None:
-  """A parameter added to a layer's output is its bias."""
+def _bias(ctx, level, trails, values) -> Optional[Trail]:
+  """A parameter added to a layer's output is its bias; the sum's trail."""
   registry = ctx.registry
   outs = [t for t in trails if t is not None and t.source[0] == 'out']
   params = _param_trails(trails)
@@ -610,7 +609,6 @@ def _bias(ctx, level, trails, values) -> None:
   if found.bias_leaf not in (None, bias_leaf):
     return None
   found.layout, found.bias_leaf = layout, bias_leaf
-  registry.biases[bias_leaf] = key
   return out_t
 
 
