@@ -23,9 +23,13 @@
 #   3. precision MAC's captured statistics (ā of every layer) of the same
 #                models in float32 (default and HIGHEST matmul precision) and
 #                bf16, relative to a float64 capture on the same backend.
+#   4. cost      benchmarks/compile_cost.py --quick: MAC's compile and step
+#                time as ratios to SGD-momentum (statistics from
+#                mac_optax.with_statistics), the update's ops per layer, a
+#                deep decoder unrolled and in nn.scan.
 #
-# Results: $OUT/{device,tests,speed,precision}.log, speed.json and
-# precision.json, and a Markdown summary on stdout with the device name and
+# Results: $OUT/{device,tests,speed,precision,cost}.log, speed.json,
+# precision.json and cost.json, and a Markdown summary on stdout with the device name and
 # versions, ready for benchmarks/RESULTS.md. Exit status: non-zero if any
 # section failed or ran out of time (the others still run).
 #
@@ -54,14 +58,14 @@ if [ "$MODE" = cpu ]; then
   export JAX_PLATFORMS=cpu
   TESTS=(tests/test_rank_one.py tests/test_precision.py)
   SIZE=--quick
-  LIMIT_TESTS=240 LIMIT_SPEED=240 LIMIT_PRECISION=120
+  LIMIT_TESTS=240 LIMIT_SPEED=240 LIMIT_PRECISION=120 LIMIT_COST=240
 else
   # Fail rather than fall back to the CPU silently.
   export JAX_PLATFORMS=cuda
   TESTS=(tests --ignore=tests/test_distributed.py
          --ignore=tests/test_multiprocess.py)
   SIZE=
-  LIMIT_TESTS=170 LIMIT_SPEED=240 LIMIT_PRECISION=40
+  LIMIT_TESTS=170 LIMIT_SPEED=200 LIMIT_PRECISION=40 LIMIT_COST=60
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
@@ -232,11 +236,15 @@ with open(args.out, 'w') as f:
                  jax=jax.__version__, rows=rows), f, indent=1)
 EOF
 
+TQDM_DISABLE=1 section cost "$LIMIT_COST" "$PY" benchmarks/compile_cost.py \
+  --quick --no-write --compile-repeats 2 --repeats 3 --inner 2 \
+  --json "$OUT/cost.json"
+
 echo
 echo "## MAC on $(grep -h '^device:' "$OUT/device.log" | cut -c9-)"
 echo
 echo "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.log" | tail -n 1)"
-for name in speed precision; do
+for name in speed precision cost; do
   echo
   grep -E '^(####|\|)' "$OUT/$name.log" || true
 done
