@@ -450,9 +450,12 @@ def _dot_general(ctx, level, eqn, values, trails):
       if a in contract or a in batch:
         continue
       out_axes.append(trail.axes[a] if side == k else (('x', a),))
-  out_trail = Trail(('out', len(level.calls) - 1, level.id, key),
-                    tuple(out_axes))
-  return [out], [out_trail], {}
+  return [out], [_output_trail(level, key, out_axes)], {}
+
+
+def _output_trail(level: _Level, key: str, axes) -> Trail:
+  """The trail of the output of the layer call just added to `level`."""
+  return Trail(('out', len(level.calls) - 1, level.id, key), tuple(axes))
 
 
 def _conv(ctx, level, eqn, values, trails):
@@ -510,9 +513,7 @@ def _conv(ctx, level, eqn, values, trails):
   out_spec = tuple(dn.out_spec)
   out_axes = [()] * out.ndim
   out_axes[out_spec[1]] = rhs_t.axes[rhs_spec[0]]
-  out_trail = Trail(('out', len(level.calls) - 1, level.id, key),
-                    tuple(out_axes))
-  return [out], [out_trail], {}
+  return [out], [_output_trail(level, key, out_axes)], {}
 
 
 def _gather(ctx, level, eqn, values, trails):

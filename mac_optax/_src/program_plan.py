@@ -45,7 +45,8 @@ def _excluder(exclude: Exclude) -> Callable[[str], bool]:
 def _registry(params, exclude: Exclude, embed_lookup: bool
               ) -> program.Registry:
   leaves = jax.tree_util.tree_leaves(params)
-  for name, leaf in zip(_leaf_names(params), leaves):
+  names = _leaf_names(params)
+  for name, leaf in zip(names, leaves):
     if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype'):
       raise TypeError(
           f"mac: parameter '{name}' is a {type(leaf).__name__}, not an "
@@ -53,7 +54,7 @@ def _registry(params, exclude: Exclude, embed_lookup: bool
           '`params, static = eqx.partition(model, eqx.is_array)` and '
           '`fn = lambda p, x: eqx.combine(p, static)(x)`).')
   return program.Registry(
-      leaf_names=_leaf_names(params),
+      leaf_names=names,
       leaf_shapes=tuple(tuple(np.shape(x)) for x in leaves),
       exclude=_excluder(exclude), embed_lookup=bool(embed_lookup))
 
