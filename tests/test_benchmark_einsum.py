@@ -4,21 +4,26 @@ import jax
 import numpy as np
 import pytest
 
+import mac_optax
+
 from benchmarks import einsum_decoder
 from benchmarks import models
 from benchmarks import steps
 
 
-def test_mac_trainer_on_the_einsum_decoder_needs_and_uses_the_plan():
+def test_mac_trainer_on_the_einsum_decoder_with_and_without_the_plan():
   model, bsz, context, _ = einsum_decoder.config(quick=True)
   batch = models.synthetic_batch('tokens', (context,), 2,
                                  einsum_decoder.VOCAB)
   params = model.init(jax.random.PRNGKey(0), batch[0])['params']
-  # Without the plan, MAC cannot pair the einsum statistics with kernels.
-  with pytest.raises(ValueError, match='plan='):
-    trainer = steps.make_trainer('mac', model)
-    trainer.step(trainer.init(params, batch), batch, np.float32(0.1))
+  # Every projection's kernel is (*inputs, *outputs): its statistic is sown
+  # as a Dense's, and a plan-less MAC pairs it too.
+  trainer = steps.make_trainer('mac', model)
+  copied = jax.tree_util.tree_map(np.array, params)   # the step donates
+  _, loss = trainer.step(trainer.init(copied, batch), batch, np.float32(0.1))
+  assert np.isfinite(loss)
   plan = einsum_decoder.plan_of(model, context)
+  assert mac_optax.EINSUM_MEAN not in {layer.statistic for layer in plan.layers}
   assert plan.fraction > 0.95
   trainer = steps.make_trainer('mac', model, plan=plan)
   before = jax.tree_util.tree_map(np.asarray, params)

@@ -190,7 +190,7 @@ def test_conv_over_a_masked_token_axis_raises():
   x = jnp.ones((2, 6, 3))
   model = _Conv()
   variables = model.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="convolution 'conv'.*token mask"):
+  with pytest.raises(ValueError, match="convolution 'conv/kernel'.*token mask"):
     with mac_optax.linen.capture(token_mask=jnp.ones((2, 6), bool)):
       model.apply(variables, x, mutable=['intermediates'])
   # A mask no input leads with is a wrong mask, not an image model.
@@ -245,8 +245,8 @@ def test_sow_attention_gqa_padded_equals_unpadded():
   got = padded['kv'][mac_optax.ATTENTION_MEAN][0]
   np.testing.assert_allclose(got, expected['kv'][mac_optax.ATTENTION_MEAN][0],
                              rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(padded['q'][mac_optax.EINSUM_MEAN][0],
-                             expected['q'][mac_optax.EINSUM_MEAN][0],
+  np.testing.assert_allclose(padded['q'][mac_optax.MEAN][0],
+                             expected['q'][mac_optax.MEAN][0],
                              rtol=2e-5, atol=2e-6)
 
 

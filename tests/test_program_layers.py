@@ -469,19 +469,53 @@ class MixedNet(nn.Module):
     return nn.Dense(3)(h)
 
 
-def test_flax_plans_name_the_layers_only_the_program_sees():
-  x = jnp.ones((2, 4))
-  variables = MixedNet().init(jax.random.PRNGKey(12), x)
-  plan = mac_optax.linen.plan(MixedNet(), variables, x)
-  reasons = {p.path: p.reason for p in plan.passed}
-  assert 'a layer in the program (dense, roles oi)' in reasons['w']
-  assert 'mac_optax.plan(fn, params, x)' in reasons['w']
-  with pytest.raises(ValueError, match='found no layer') as e:
-    mac_optax.linen.plan(TiedLm(jit=False), TiedLm(jit=False).init(
-        jax.random.PRNGKey(13), jnp.zeros((1, 3), jnp.int32)),
-                         jnp.zeros((1, 3), jnp.int32))
-  assert 'block/gating/w' in str(e.value)
-  assert 'a layer in the program (dense' in str(e.value)
+def _same_updates(plan_a, inter_a, plan_b, inter_b, params):
+  grads = jax.tree_util.tree_map(
+      lambda p: jnp.asarray(np.random.default_rng(5).normal(size=p.shape),
+                            p.dtype), params)
+  got = []
+  for plan, inter in ((plan_a, inter_a), (plan_b, inter_b)):
+    tx = mac_optax.mac(0.5, plan=plan)
+    got.append(tx.update(grads, tx.init(params), params,
+                         intermediates=inter)[0])
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      *got)
+  moved = jax.tree_util.tree_map(lambda u, g: not np.allclose(u, g),
+                                 got[0], grads)
+  return moved
+
+
+def test_linen_capture_preconditions_what_the_program_finds():
+  x = jax.random.normal(jax.random.PRNGKey(11), (2, 4))
+  model = MixedNet()
+  variables = model.init(jax.random.PRNGKey(12), x)
+  plan = mac_optax.linen.plan(model, variables, x)
+  assert plan.keys == ('Dense_0', 'w') and plan.passed == ()
+  # `w` (out, in), applied as x @ w.T: sown at its own path.
+  assert plan['w'].statistic == mac_optax._src.statistics.PROGRAM
+  assert plan['w'].layout.roles() == 'oi' and plan['w'].kind == 'dense'
+  with mac_optax.linen.capture():
+    _, v = model.apply(variables, x, mutable=['intermediates'])
+  (stat,) = v['intermediates']['w'][plan['w'].statistic]
+  np.testing.assert_allclose(stat[0], np.asarray(x).mean(0), rtol=1e-6)
+  fn = lambda p, x: model.apply({'params': p}, x)
+  program_plan = mac_optax.plan(fn, variables['params'], x)
+  _, stats = mac_optax.with_statistics(fn, program_plan)(
+      variables['params'], x)
+  moved = _same_updates(plan, v['intermediates'], program_plan, stats,
+                        variables['params'])
+  assert all(jax.tree_util.tree_leaves(moved))
+  # Einsum modules with `w`, an nn.jit block and a head applied through
+  # another module: the capture's layers are the program's.
+  model = TiedLm(jit=False)
+  ids = jnp.zeros((1, 3), jnp.int32)
+  variables = model.init(jax.random.PRNGKey(13), ids)
+  plan = mac_optax.linen.plan(model, variables, ids)
+  program_plan = mac_optax.plan(lambda p, i: model.apply({'params': p}, i),
+                                variables['params'], ids)
+  assert {(l.kernel_leaf, l.layout) for l in plan.layers} == {
+      (l.kernel_leaf, l.layout) for l in program_plan.layers}
 
 
 def test_nnx_plan_names_a_layer_only_the_program_sees():

@@ -169,7 +169,7 @@ def test_sow_attention_records_exactly_what_it_is_given():
   captured = _captured(model, params, x)
   assert len(plain['intermediates']['proj'][mac_optax.ATTENTION_MEAN]) == 2
   assert len(captured['proj'][mac_optax.ATTENTION_MEAN]) == 2
-  assert len(captured['proj'][mac_optax.MEAN]) == 3   # recorded, not used
+  assert len(captured['proj'][mac_optax.MEAN]) == 1   # recorded, not used
   plan = mac_linen.plan(model, {'params': params}, x)
   assert plan['proj'].statistic == mac_optax.ATTENTION_MEAN
 
@@ -179,14 +179,19 @@ def _no_module_attention(query, key, value, **kwargs):
   return nn.dot_product_attention(query, key, value)
 
 
-def test_attention_without_probabilities_raises_instead_of_plain_mean():
-  x = jnp.ones((2, 3, 4))
+def test_attention_fn_of_its_own_still_gives_the_value_its_mixed_mean():
+  x = jax.random.normal(jax.random.key(1), (2, 3, 4))
   layer = nn.MultiHeadDotProductAttention(2, attention_fn=_no_module_attention)
   params = layer.init(jax.random.key(0), x)['params']
-  with pytest.raises(ValueError, match="attention='plain'"):
-    _captured(layer, params, x)
+  # The probabilities are in the program, whatever function computes them.
+  mixed = _captured(layer, params, x)
+  assert mac_linen.plan(layer, {'params': params}, x)['value'].kind == (
+      'attention_value')
   plain = _captured(layer, params, x, attention='plain')
   assert set(plain) == {'query', 'key', 'value', 'out'}
+  assert mixed['value'][mac_optax.MEAN][0].shape == (2, 4)   # per head
+  assert np.abs(mixed['value'][mac_optax.MEAN][0]
+                - plain['value'][mac_optax.MEAN][0]).max() > 1e-3
   rngs = nnx.Rngs(0)
   module = nnx.MultiHeadAttention(2, 4, 4, attention_fn=_no_module_attention,
                                   decode=False, rngs=rngs)

@@ -153,12 +153,18 @@ def slice_parts(trail: Trail, shape, starts, limits, strides
   return trail
 
 
+# Primitives whose every output is its operand, relabelled at most: casts,
+# copies, sharding annotations, and the varying-axes casts `shard_map`
+# inserts before a replicated parameter meets per-device data.
+IDENTITY = ('convert_element_type', 'copy', 'copy_p', 'reduce_precision',
+            'sharding_constraint', 'mesh_cast', 'reshard',
+            'optimization_barrier', 'pvary', 'pbroadcast', 'pcast')
+
+
 def propagate(name: str, params: dict, trail: Trail, in_shape, out_shape
               ) -> Optional[Trail]:
   """The trail of a layout-only primitive's output, or None if not one."""
-  if name in ('convert_element_type', 'copy', 'copy_p', 'reduce_precision',
-              'sharding_constraint', 'mesh_cast', 'reshard',
-              'optimization_barrier'):
+  if name in IDENTITY:
     return trail
   if name == 'reshape':
     return reshape(trail, in_shape, out_shape)

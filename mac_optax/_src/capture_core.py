@@ -180,6 +180,13 @@ class OpenCaptures:
 
     return remaining, verify
 
+  def mask_check(self) -> Optional[token_mask_lib.MaskCheck]:
+    """What this thread's open capture's token mask met, or None."""
+    me = threading.get_ident()
+    with self._lock:
+      mine = [c for t, _, c in self._open if t == me]
+    return mine[-1] if mine else None
+
   def current(self) -> Optional[Options]:
     """The open capture of this thread, or None."""
     me = threading.get_ident()
@@ -407,6 +414,10 @@ class Survey:
   # Kernel axis roles of layers the prefix rule cannot describe (einsum
   # layers), by path: `plan.from_statistics(layouts=...)`.
   layouts: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Layers found in the program and sown at their kernel's path: the bias
+  # path of each; and why the program passed a parameter through.
+  biases: dict[str, str] = dataclasses.field(default_factory=dict)
+  reasons: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def record_layout(self, path: str, roles: Any, where: str) -> None:
     """Records a layer's axis roles; a second call must agree.

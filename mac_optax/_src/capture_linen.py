@@ -1,37 +1,36 @@
 """Capture of MAC statistics from unmodified Flax linen models.
 
-Inside :func:`capture`, every ``__call__`` of ``nn.Dense``, ``nn.DenseGeneral``
-and ``nn.Conv`` (and every ``nn.Embed.attend``; ``nn.Embed`` lookups with
-``embed_lookup=True``) sows the mean of its input into the
-``'intermediates'`` collection at the layer's own path, so that
-``params[p]['kernel']`` pairs with ``intermediates[p]['mac_mean']``. The model
-must be applied with ``mutable=['intermediates']`` for the values to come
-back. ``nn.MultiHeadDotProductAttention`` (and its subclasses) runs through
-the shared attention-call recorder: its value projection sows
-the attention-mixed mean. This module only reaches the calls (through
-``nn.intercept_methods``) and sows; the statistics are computed in
-the framework-neutral statistics core shared with the
-other capture.
+Inside :func:`capture`, the first module call of a ``model.apply`` (or of
+any module called from outside a captured call, e.g. through
+``apply(..., method=...)``) is evaluated through the program interpreter
+that :func:`mac_optax.plan` uses: every layer of the call is found in the
+traced program, whatever code defines it (Flax's ``Dense``, ``Conv``,
+``Einsum``, attention, a custom module's ``x @ w.T``), and its statistic is
+sown into the ``'intermediates'`` collection (:mod:`sown_program` says
+where), so that ``params[p]['kernel']`` pairs with
+``intermediates[p]['mac_mean']``. The model must be applied with
+``mutable=['intermediates']`` for the values to come back. The only reach
+into the model is ``nn.intercept_methods``; no layer class is named here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Any, Callable, Iterator, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mac_optax._src import attention
 from mac_optax._src import capture_core
-from mac_optax._src import einsum_layout
 from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import program_plan
+from mac_optax._src import sown_program
 from mac_optax._src import statistics
-from mac_optax._src.conv_geometry import ConvGeometry
 
 COLLECTION = 'intermediates'
 _OPEN = capture_core.OpenCaptures()
@@ -75,128 +74,69 @@ def sow_mean(module: nn.Module, mean: jax.Array, *,
   module.sow(COLLECTION, name, mean.astype(mean_inputs.stat_dtype(mean.dtype)))
 
 
-def _first_input(args, kwargs, name='inputs'):
-  return args[0] if args else kwargs[name]
+# Set while a module's call is evaluated by the program interpreter: the
+# calls inside it are part of that program and pass through.
+_EVALUATING = threading.local()
 
 
-def _tuple(value) -> tuple:
-  return (value,) if isinstance(value, int) else tuple(value)
-
-
-def _einsum(module: nn.Module, args, kwargs, mask
-            ) -> tuple[str, jax.Array, str, einsum_layout.AxisRoles]:
-  """``nn.Einsum``: the equation given to the call wins, as in Flax."""
-  equation = args[1] if len(args) > 1 else kwargs.get('einsum_str')
-  equation = module.einsum_str if equation is None else equation
-  stat, roles = einsum_layout.call_statistic(
-      equation, _first_input(args, kwargs), module.shape, _path(module), mask)
-  return statistics.EINSUM_MEAN, stat, plan_lib.EINSUM, roles
-
-
-def _statistic(module: nn.Module, method: str, args, kwargs,
-               options: capture_core.Options) -> Optional[tuple]:
-  """``(name, statistic, kind, roles or None)`` of a supported call, or None.
-
-  ``roles`` (einsum-style layers) is the kernel layout the plan records.
-  """
-  mask = options.token_mask
-  if method == '__call__':
-    if isinstance(module, nn.Einsum):
-      return _einsum(module, args, kwargs, mask)
-    if isinstance(module, nn.DenseGeneral):
-      axis = _tuple(module.axis)
-      if _tuple(module.batch_dims):
-        stat, roles = einsum_layout.dense_general_call(
-            _first_input(args, kwargs), _tuple(module.batch_dims), axis,
-            _tuple(module.features), _path(module), mask)
-        return statistics.EINSUM_MEAN, stat, plan_lib.EINSUM, roles
-      return statistics.MEAN, mean_inputs.dense_mean(
-          _first_input(args, kwargs), axis, mask), plan_lib.DENSE, None
-    if isinstance(module, nn.Dense):
-      return statistics.MEAN, mean_inputs.dense_mean(
-          _first_input(args, kwargs), mask=mask), plan_lib.DENSE, None
-    if isinstance(module, nn.Conv):
-      return statistics.MEAN, mean_inputs.conv_statistic(
-          _first_input(args, kwargs), ConvGeometry.of(module), mask,
-          _path(module)), (
-              plan_lib.CONV), None
-    if isinstance(module, nn.Embed) and options.embed_lookup:
-      return statistics.LOOKUP_MEAN, attention.token_frequencies(
-          _first_input(args, kwargs), module.num_embeddings, mask), (
-              plan_lib.EMBED_LOOKUP), None
-  if method == 'attend' and isinstance(module, nn.Embed):
-    return statistics.ATTEND_MEAN, mean_inputs.dense_mean(
-        _first_input(args, kwargs, 'query'), mask=mask), (
-            plan_lib.EMBED_ATTEND), None
-  return None
-
-
-def _is_attention(module: nn.Module, method: str,
-                  options: capture_core.Options, calls: list) -> bool:
-  return (method == '__call__' and options.attention != attention.PLAIN
-          and isinstance(module, nn.MultiHeadDotProductAttention)
-          and not module.decode
-          # nn.SelfAttention calls the base __call__ again.
-          and not any(path == tuple(module.path) for path, _ in calls))
-
-
-def _call_attention(module: nn.Module, next_fun: Callable, args, kwargs,
-                    options: capture_core.Options, calls: list) -> Any:
-  call = capture_core.AttentionCall(_path(module), options)
-  original = module.attention_fn
-  # Modules are frozen dataclasses; the field is swapped for this call only.
-  object.__setattr__(module, 'attention_fn', call.recording(original))
-  calls.append((tuple(module.path), call))
+@contextlib.contextmanager
+def _evaluating(root: tuple[str, ...]) -> Iterator[None]:
+  outer = getattr(_EVALUATING, 'root', None)
+  _EVALUATING.root = root
   try:
-    out = next_fun(*args, **kwargs)
+    yield
   finally:
-    object.__setattr__(module, 'attention_fn', original)
-    calls.pop()
-  call.release()
+    _EVALUATING.root = outer
+
+
+def _call_with_statistics(module: nn.Module, method: str, args, kwargs,
+                          options: capture_core.Options,
+                          survey: Optional[capture_core.Survey]) -> Any:
+  """Evaluates ``module.<method>(*args, **kwargs)`` through the program.
+
+  The module is applied afresh to its own variables (its parameters as the
+  program's inputs, the same RNG streams and mutable collections), so the
+  interpreter sees every layer of the call, whatever code defines it; the
+  mutated collections are written back to the module's scope, with each
+  layer's statistic sown at its place (:mod:`sown_program`).
+  """
+  scope = module.scope
+  variables = flax.core.unfreeze(module.variables)
+  params = variables.get('params', {})
+  root = tuple(module.path)
+
+  def fn(params, *args, **kwargs):
+    with _evaluating(root):
+      return module.clone(parent=None).apply(
+          {**variables, 'params': params}, *args, method=method,
+          mutable=scope.mutable, rngs=scope.rngs, **kwargs)
+
+  (out, mutated), placed = sown_program.evaluate(
+      fn, params, args, kwargs, options, root, _OPEN.mask_check(), survey)
+  mutated = flax.core.unfreeze(mutated)
+  mutated[COLLECTION] = sown_program.add_sown(
+      mutated.get(COLLECTION, {}), placed)
+  for collection, tree in mutated.items():
+    if collection == 'params':
+      continue
+    for name, value in tree.items():
+      module.put_variable(collection, name, value)
   return out
 
 
 def _interceptor(next_fun: Callable, args, kwargs, context, *,
-                 options: capture_core.Options, calls: list) -> Any:
-  module, method = context.module, context.method_name
+                 options: capture_core.Options) -> Any:
+  module = context.module
   survey = capture_core.current_survey()
+  inside = getattr(_EVALUATING, 'root', None)
   if survey is not None:
-    survey.module_types[_path(module)] = type(module).__name__
-  if module.is_initializing():
+    survey.module_types['/'.join((inside or ()) + tuple(module.path))] = (
+        type(module).__name__)
+  if (inside is not None or module.is_initializing()
+      or not module.is_mutable_collection(COLLECTION)):
     return next_fun(*args, **kwargs)
-  owner = calls[-1][1] if calls and calls[-1][0] == tuple(
-      module.path[:-1]) else None
-  if options.exclude(_path(module)):
-    out = next_fun(*args, **kwargs)
-    if owner is not None:
-      owner.skip(out)
-    return out
-  if _is_attention(module, method, options, calls):
-    return _call_attention(module, next_fun, args, kwargs, options, calls)
-  found = _statistic(module, method, args, kwargs, options)
-  if found is None:
-    return next_fun(*args, **kwargs)
-  name, mean, kind, roles = found
-  path = _path(module)
-  if survey is not None:
-    survey.called.add(path)
-    survey.kinds.setdefault(path, kind)
-    if roles is not None:
-      survey.record_layout(path, roles, path)
-  if not module.is_mutable_collection(COLLECTION):
-    return next_fun(*args, **kwargs)
-  sow = lambda m: module.sow(COLLECTION, name, m)
-  if owner is None or name != statistics.MEAN:
-    sow(mean)
-    return next_fun(*args, **kwargs)
-  out = next_fun(*args, **kwargs)
-
-  def on_value():
-    if survey is not None:
-      survey.kinds[path] = plan_lib.ATTENTION_VALUE
-
-  owner.hold(sow, mean, _first_input(args, kwargs), out, on_value)
-  return out
+  return _call_with_statistics(module, context.method_name, args, kwargs,
+                               options, survey)
 
 
 @contextlib.contextmanager
@@ -204,29 +144,31 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
             embed_lookup: bool = False,
             token_mask: Optional[jax.Array] = None,
             exclude: Any = None) -> Iterator[None]:
-  """Sows MAC statistics from every supported layer of an unmodified model.
+  """Sows MAC statistics from every layer of an unmodified model.
 
-  Supported: ``nn.Dense`` (any leading axes), ``nn.DenseGeneral`` (any
-  contracted axes and output shape; with ``batch_dims`` one mean input per
-  batch index), ``nn.Einsum`` (any explicit two-operand equation: kernel
-  axes contracted with the input, batched (shared by input, kernel and
-  output: one mean input per index) or output-only; sown as
-  ``mac_optax.EINSUM_MEAN``, whose layout only the plan knows, so
-  ``mac(plan=mac_optax.linen.plan(...))`` is required; an equation MAC
-  cannot model raises naming the layer), ``nn.Conv`` (any
-  rank, strides, padding modes, input/kernel dilation,
-  ``feature_group_count``), ``nn.Embed.attend``; inside ``nn.scan``
-  (statistics stacked like the parameters; ``'intermediates'`` must be in
-  its ``variable_axes``) and ``nn.remat``. A layer called several times
-  contributes the mean of its calls' means.
+  The model's call is evaluated through the program interpreter of
+  :func:`mac_optax.plan`: a layer is a parameter reaching a matrix product
+  (``dot_general``: ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``,
+  ``Embed.attend``, a custom module's ``jnp.einsum`` or ``x @ w.T``), a
+  convolution (``nn.Conv``, any rank, strides, padding, dilation,
+  ``feature_group_count``) or, with `embed_lookup`, a table lookup,
+  through reshapes, transposes and casts; its axis roles come from the op.
+  Through ``nn.scan`` (statistics stacked like the parameters, with or
+  without ``'intermediates'`` in its ``variable_axes``), ``nn.remat``,
+  ``nn.jit``, ``nn.cond``, models applied inside the model. A layer called
+  several times contributes the mean of its calls' means. A parameter the
+  program cannot model (an einsum summing a kernel axis away, a parameter
+  entering a ``while_loop`` or a custom-derivative call) is passed through,
+  and the plan's table says why.
 
-  Attention (``nn.MultiHeadDotProductAttention`` and its subclasses, self
-  and cross, not decoding): query, key and output projections get their
-  plain input means; the value projection gets the attention-mixed mean
-  ``E_{b,h,i}[Σ_j P_bhij x_bj]`` from the probabilities the layer computed
-  (after softmax and masks, before dropout). An ``attention_fn`` without a
-  ``module`` argument raises (use ``attention='plain'``). Hand-written
-  attention: :func:`mac_optax.linen.sow_attention`.
+  Attention (Flax's attention modules, ``jax.nn.dot_product_attention``,
+  hand-written ``softmax`` + ``einsum``, GQA by repeat, fused projections
+  split after the op): a value projection whose output is contracted over
+  its input's token axis with data-dependent weights gets the
+  attention-mixed mean ``E_{b,h,i}[Σ_j P_bhij x_bj]`` (per head group
+  where the heads are the kernel's first output axis); query, key and
+  output projections their plain input means. Attention inside an opaque
+  kernel: :func:`mac_optax.linen.sow_attention`.
 
   Args:
     attention: the value statistic: ``'exact'`` (above), ``'product_of_means'``
@@ -268,7 +210,7 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
   options = capture_core.Options.checked(
       attention, embed_lookup, token_mask, exclude,
       where='mac_optax.linen.capture')
-  interceptor = functools.partial(_interceptor, options=options, calls=[])
+  interceptor = functools.partial(_interceptor, options=options)
   _OPEN.enter(options)
   try:
     with nn.intercept_methods(interceptor):
@@ -360,9 +302,8 @@ def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # p
     A :class:`mac_optax.LayerPlan` for ``mac(plan=...)``.
 
   Raises:
-    ValueError: a supported layer was called but its statistic did not come
-      back (``nn.scan`` without ``'intermediates'`` in ``variable_axes``), or
-      a statistic does not fit its parameter.
+    ValueError: no layer found (MAC would be plain SGD), or a statistic
+      sown with ``sow_mean`` does not fit its parameter.
 
   Example:
     >>> plan = mac_optax.linen.plan(model, variables, x[:1])
@@ -384,13 +325,9 @@ def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # p
   result = capture_core.mark_excluded(plan_lib.from_statistics(
       variables['params'], like, kinds=survey.kinds,
       module_types=survey.module_types, called=survey.called,
-      layouts=survey.layouts), excluded)
-
-  def program_fn(params, traced):
-    return model.apply({**variables, 'params': params}, *rebuild(traced),
-                       mutable=True, **kwargs)
-  return program_plan.checked_capture_plan(
-      result, program_fn, variables['params'], (traced,), {})
+      layouts=survey.layouts, biases=survey.biases, reasons=survey.reasons),
+                                      excluded)
+  return program_plan.not_empty(result)
 
 
 def intermediates_like(model: nn.Module, variables: Any, *args,

@@ -39,6 +39,10 @@ EINSUM = 'einsum'
 CUSTOM = 'custom'
 STATISTIC = 'statistic'   # known from a statistic's shape only
 
+# Statistics whose kernel layout only the capture knows (recorded in the
+# survey, given to `from_statistics` as `layouts`).
+_RECORDED_LAYOUT = (statistics.EINSUM_MEAN, statistics.PROGRAM,
+                    statistics.PROGRAM_LOOKUP)
 _KERNEL_OF_KIND = {EMBED_ATTEND: 'embedding', EMBED_LOOKUP: 'embedding'}
 _KIND_OF_STAT = {statistics.ATTEND_MEAN: EMBED_ATTEND,
                  statistics.LOOKUP_MEAN: EMBED_LOOKUP,
@@ -74,7 +78,7 @@ class PlannedLayer:
   @property
   def key(self) -> str:
     """The layer's key in the optimizer state (a lookup gets '@lookup')."""
-    if self.statistic == statistics.LOOKUP_MEAN:
+    if self.statistic in statistics.LOOKUPS:
       return self.path + '@lookup'
     return self.path
 
@@ -207,7 +211,7 @@ def _layer_layout(path: str, name: str, calls: Sequence[Any],
   if len(shapes) != 1:
     raise ValueError(f"mac: layer '{path}' was called with inputs of "
                      f'different feature shapes: statistics {shapes}.')
-  if name == statistics.EINSUM_MEAN:
+  if name in _RECORDED_LAYOUT:
     # Which kernel axes are batched or contracted is in the equation, not in
     # the statistic's shape: only the capture that saw the call knows it.
     roles = layouts.get(path)
@@ -219,7 +223,9 @@ def _layer_layout(path: str, name: str, calls: Sequence[Any],
           'plan=mac_optax.linen.plan(...) / mac_optax.nnx.plan(...) to mac '
           '(intermediates_like= and the quick start cannot express it).')
     try:
-      layout = roles.layout(kernel_shape, bias_shape)
+      layout = (roles if isinstance(roles, KernelLayout)
+                else roles.layout(kernel_shape, bias_shape))
+      layout.check_fits(kernel_shape, bias_shape)
     except (ValueError, LayoutError) as e:
       raise ValueError(f"mac: layer '{path}': {e}") from None
     if shapes[0] != layout.stat_shape:
@@ -237,7 +243,7 @@ def _layer_layout(path: str, name: str, calls: Sequence[Any],
 
 
 def _pass_reason(path: statistics.Path, module_types: Mapping[str, str],
-                 called: Iterable[str]) -> str:
+                 called: Iterable[str], found: Optional[str]) -> str:
   module = statistics.join(path[:-1])
   kind = module_types.get(module)
   leaf = path[-1]
@@ -246,6 +252,8 @@ def _pass_reason(path: statistics.Path, module_types: Mapping[str, str],
   if leaf == 'embedding' and kind is not None and 'Embed' in kind:
     return ('embedding lookup (capture(embed_lookup=True) preconditions it '
             'with token frequencies)')
+  if found is not None:
+    return found
   if leaf in ('kernel', 'embedding', 'bias'):
     if kind is None:
       return f'{leaf} without a statistic (layer not called in the forward pass?)'
@@ -264,6 +272,8 @@ def from_statistics(
     called: Iterable[str] = (),
     skip_missing_params: bool = False,
     layouts: Optional[Mapping[str, Any]] = None,
+    biases: Optional[Mapping[str, Optional[str]]] = None,
+    reasons: Optional[Mapping[str, str]] = None,
 ) -> LayerPlan:
   """Builds the plan from parameters and the statistics a capture sowed.
 
@@ -281,7 +291,12 @@ def from_statistics(
       whose kernel layout is not the prefix rule (einsum-style layers, sown
       as ``EINSUM_MEAN``); each value has ``.layout(kernel_shape,
       bias_shape) -> KernelLayout`` (an einsum's axis roles), stack axes
-      added.
+      added; or the :class:`KernelLayout` itself (layers found in the
+      program: ``EINSUM_MEAN``, ``PROGRAM``, ``PROGRAM_LOOKUP``).
+    biases: ``{path: bias parameter path or None}`` of the ``PROGRAM``
+      statistics (sown at their kernel's path).
+    reasons: ``{parameter path: why it is passed through}``, where the
+      capture knows better than the module type.
 
   Raises:
     ValueError: a statistic has no parameter, does not fit it, a layer's
@@ -290,6 +305,8 @@ def from_statistics(
   """
   kinds = dict(kinds or {})
   layouts = dict(layouts or {})
+  biases = dict(biases or {})
+  reasons = dict(reasons or {})
   module_types = dict(module_types or {})
   leaves = jax.tree_util.tree_leaves(params)
   index = statistics.leaf_paths(params)
@@ -301,9 +318,12 @@ def from_statistics(
     if name in statistics.REPLACED_BY_ATTENTION and path in fused:
       continue   # sow_attention's statistic replaces the capture's
     key = statistics.join(path)
-    kernel_path = path + (statistics.PARAM[name],)
-    bias_path = path + ('bias',)
-    if name in statistics.WITH_BIAS:
+    kernel_path = statistics.kernel_of(path, name)
+    program_bias = biases.get(key)
+    bias_path = (path + ('bias',) if name != statistics.PROGRAM else
+                 statistics.split(program_bias) if program_bias else None)
+    if bias_path is not None and (name in statistics.WITH_BIAS
+                                  or name == statistics.PROGRAM):
       check_masked_together(key, kernel_path, bias_path, index, masked)
     if kernel_path not in index:
       if skip_missing_params:
@@ -312,12 +332,18 @@ def from_statistics(
           f"mac: a statistic '{name}' was sown at '{key}' but there is no "
           f"parameter '{statistics.join(kernel_path)}': statistics must be "
           'sown by the module that owns the parameter.')
-    has_bias = name in statistics.WITH_BIAS and bias_path in index
+    has_bias = (name in statistics.WITH_BIAS or name == statistics.PROGRAM
+                ) and bias_path in index
     layout = _layer_layout(
         key, name, calls, _shape(leaves[index[kernel_path]]),
         _shape(leaves[index[bias_path]]) if has_bias else None, layouts)
     kind = _KIND_OF_STAT.get(name) or kinds.get(key, STATISTIC)
-    layers.append(PlannedLayer(key, name, kind, layout))
+    if name in (statistics.PROGRAM, statistics.PROGRAM_LOOKUP):
+      layers.append(PlannedLayer(
+          key, name, kind, layout, kernel=key,
+          bias=statistics.join(bias_path) if has_bias else None))
+    else:
+      layers.append(PlannedLayer(key, name, kind, layout))
     used.add(kernel_path)
     if has_bias:
       used.add(bias_path)
@@ -335,7 +361,8 @@ def from_statistics(
         "nnx.scan / nnx.vmap) add 'intermediates' (nnx.Intermediate) to the "
         'variable axes so the statistics of the transformed layers come out.')
   passed = [PassedParam(statistics.join(p), _shape(leaves[i]),
-                        _pass_reason(p, module_types, called))
+                        _pass_reason(p, module_types, called,
+                                     reasons.get(statistics.join(p))))
             for p, i in sorted(index.items()) if p not in used]
   return LayerPlan(tuple(layers), tuple(passed), intermediates)
 
@@ -417,7 +444,7 @@ def _check_known(plan: LayerPlan, found, index) -> None:
       if (statistics.join(p), n) not in planned
       and not (n in statistics.REPLACED_BY_ATTENTION
                and statistics.join(p) in fused)
-      and p + (statistics.PARAM[n],) in index)
+      and statistics.kernel_of(p, n) in index)
   if unknown:
     raise ValueError(
         f'mac: statistics of layers the plan does not know: {unknown}. '
@@ -460,7 +487,9 @@ def pair(plan: LayerPlan, grads: Any, intermediates: Any,
   """
   leaves = jax.tree_util.tree_leaves(grads)
   index = statistics.leaf_paths(grads)
-  if any(layer.kernel is not None for layer in plan.layers):
+  if plan.program_options is not None or (
+      statistics.is_program_statistics(intermediates)
+      and any(layer.kernel is not None for layer in plan.layers)):
     found = _program_statistics(plan, intermediates)
   else:
     found = statistics.sown_statistics(intermediates)

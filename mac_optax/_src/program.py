@@ -68,6 +68,8 @@ class Registry:
   leaf_shapes: tuple[tuple[int, ...], ...]
   exclude: Callable[[str], bool]
   embed_lookup: bool = False
+  # The value statistic: 'exact' (mixed), 'product_of_means' or 'plain'.
+  attention: str = attention_lib.EXACT
   token_mask: Any = None         # [*batch, tokens], or None
   # What the mask met (the captures' check: it must match some input).
   mask_check: Optional[token_mask_lib.MaskCheck] = None
@@ -242,6 +244,8 @@ def _equation(ctx, level, eqn, values, trails):
     return handler(ctx, level, eqn, values, trails)
   out = _bind(eqn, values)
   outs = out if eqn.primitive.multiple_results else [out]
+  if name in axis_labels.IDENTITY and len(outs) == len(trails):
+    return outs, list(trails), {}
   if len(trails) == 1 and len(outs) == 1:
     shape_in = tuple(getattr(values[0], 'shape', ()))
     shape_out = tuple(getattr(outs[0], 'shape', ()))
@@ -618,6 +622,8 @@ def _bias(ctx, level, trails, values) -> Optional[Trail]:
 
 def _mix_attention(ctx, level, eqn, values, trails):
   """``P · V`` over V's token axis: V's layer gets the mixed mean."""
+  if ctx.registry.attention == attention_lib.PLAIN:
+    return
   (contract_l, contract_r), (batch_l, batch_r) = eqn.params[
       'dimension_numbers']
   for v_side in (0, 1):
@@ -661,8 +667,8 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
                  'its value projection')
   call = level.calls[call_index]
   layout = found.layout
-  if layout.batch or layout.stack:
-    return plain('a value projection with batched or stacked kernel axes')
+  if layout.batch:
+    return plain('a value projection with batched kernel axes')
   first_out = layout.outputs[0]
   parts, part_index = 1, None
   if v_trail.part is not None:
@@ -743,8 +749,13 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
   else:
     w = jnp.einsum(f"{''.join(p_letters)}->{w_spec}", probs,
                    precision=_HIGHEST) / averaged   # the mean over rows
-  mixed = jnp.einsum(f'{w_spec},{row_letters}z->{group}z', w, rows,
-                     precision=_HIGHEST) / batch
+  if registry.attention == attention_lib.PRODUCT_OF_MEANS:
+    mixed = _product_of_means(w, w_spec, group, rows, row_letters,
+                              [x_letter[t] for t in x_letter if t in tokens],
+                              batch)
+  else:
+    mixed = jnp.einsum(f'{w_spec},{row_letters}z->{group}z', w, rows,
+                       precision=_HIGHEST) / batch
   if not groups:
     mixed = mixed[None]
   new_groups = groups or parts
@@ -760,6 +771,20 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
   else:
     base = _as_groups(call.contribution, found.layout)
     call.contribution = base.at[part_index].set(mixed[0])
+
+
+def _product_of_means(w, w_spec, group, rows, row_letters, tokens, batch):
+  """The authors' ``Σ_t w̄_t x̄_t``: weights and inputs averaged separately."""
+  tok = ''.join(tokens)
+  w_batch = math.prod(n for c, n in zip(w_spec, w.shape)
+                      if c not in group + tok)
+  w_bar = jnp.einsum(f'{w_spec}->{group}{tok}', w,
+                     precision=_HIGHEST) / w_batch
+  x_tok = ''.join(c for c in row_letters if c in tok)
+  x_bar = jnp.einsum(f'{row_letters}z->{x_tok}z', rows,
+                     precision=_HIGHEST) / batch
+  return jnp.einsum(f'{group}{tok},{x_tok}z->{group}z', w_bar, x_bar,
+                    precision=_HIGHEST)
 
 
 # ------------------------------------------------------- sub-programs
@@ -917,12 +942,19 @@ def run(fn: Callable, registry: Registry, params, args, kwargs):
 
   ``stats`` maps each layer key to its ``[*stack, G, d_in]`` mean input.
   """
-  flat, in_tree = jax.tree_util.tree_flatten((params, args, kwargs))
+  every, in_tree = jax.tree_util.tree_flatten((params, args, kwargs))
   n_params = len(jax.tree_util.tree_leaves(params))
+  # Python scalars (a `train` flag given by position) stay Python values,
+  # as they are when the function is called outside `jit`.
+  static = [i >= n_params and isinstance(x, (bool, int, float, complex, str))
+            for i, x in enumerate(every)]
+  flat = [x for x, s in zip(every, static) if not s]
   out_tree = {}
 
   def flat_fn(*leaves):
-    p, a, k = jax.tree_util.tree_unflatten(in_tree, leaves)
+    it = iter(leaves)
+    p, a, k = jax.tree_util.tree_unflatten(
+        in_tree, [x if s else next(it) for x, s in zip(every, static)])
     out = fn(p, *a, **k)
     leaves_out, out_tree['tree'] = jax.tree_util.tree_flatten(out)
     return leaves_out
@@ -939,8 +971,6 @@ def run(fn: Callable, registry: Registry, params, args, kwargs):
   outs, _, nested = _evaluate(_Context(registry), level, closed.jaxpr,
                               list(closed.consts), flat, trails)
   totals = _finish(level, nested, registry)
-  if registry.mask_check is not None:
-    registry.mask_check.verify()
   stats = {}
   for found in registry.layers():
     if found.key not in totals:

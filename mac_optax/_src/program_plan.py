@@ -15,11 +15,14 @@ from typing import Any, Callable, Sequence, Union
 import jax
 import numpy as np
 
+from mac_optax._src import attention as attention_lib
 from mac_optax._src import capture_core
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import program
 from mac_optax._src import statistics
 from mac_optax._src import token_mask as token_mask_lib
+from mac_optax._src.layout import KernelLayout
+from mac_optax._src.layout import LayoutError
 
 Exclude = Union[Sequence[str], Callable[[str], bool]]
 
@@ -42,8 +45,8 @@ def _excluder(exclude: Exclude) -> Callable[[str], bool]:
                           for p in prefixes)
 
 
-def _registry(params, exclude: Exclude, embed_lookup: bool
-              ) -> program.Registry:
+def new_registry(params, exclude: Exclude, embed_lookup: bool,
+              attention: str = attention_lib.EXACT) -> program.Registry:
   leaves = jax.tree_util.tree_leaves(params)
   names = _leaf_names(params)
   for name, leaf in zip(names, leaves):
@@ -56,14 +59,31 @@ def _registry(params, exclude: Exclude, embed_lookup: bool
   return program.Registry(
       leaf_names=names,
       leaf_shapes=tuple(tuple(np.shape(x)) for x in leaves),
-      exclude=_excluder(exclude), embed_lookup=bool(embed_lookup))
+      exclude=_excluder(exclude), embed_lookup=bool(embed_lookup),
+      attention=attention)
 
 
-def _default_reason(shape) -> str:
+def default_reason(shape) -> str:
   if len(shape) <= 1:
     return 'not a layer kernel (rank ≤ 1, elementwise: a scale or shift)'
   return ('reaches no dot_general / conv / gather through layout-only ops '
           '(used elementwise, or only after arithmetic)')
+
+
+def pass_reasons(registry: program.Registry) -> dict[str, str]:
+  """``{leaf path: why the program passes it through}``, for every leaf.
+
+  A parameter entering an opaque call, a kernel used with two layouts, or
+  one that reaches no layer op (also given for the leaves of found layers).
+  """
+  reasons = {registry.leaf_names[i]: r for i, r in registry.reasons.items()}
+  for key, reason in registry.dropped.items():
+    found = registry.found.get(key)
+    if found is not None:
+      reasons.setdefault(registry.leaf_names[found.leaf], reason)
+  for name, shape in zip(registry.leaf_names, registry.leaf_shapes):
+    reasons.setdefault(name, default_reason(shape))
+  return reasons
 
 
 def _plan_from(registry: program.Registry, stats) -> plan_lib.LayerPlan:
@@ -81,18 +101,11 @@ def _plan_from(registry: program.Registry, stats) -> plan_lib.LayerPlan:
     if found.bias_leaf is not None:
       used.add(found.bias_leaf)
   passed = []
-  dropped_leaf = {}
-  for key, reason in registry.dropped.items():
-    leaf = registry.found[key].leaf if key in registry.found else None
-    if leaf is not None:
-      dropped_leaf.setdefault(leaf, reason)
+  reasons = pass_reasons(registry)
   for i, (name, shape) in enumerate(zip(registry.leaf_names,
                                         registry.leaf_shapes)):
-    if i in used:
-      continue
-    reason = (registry.reasons.get(i) or dropped_leaf.get(i)
-              or _default_reason(shape))
-    passed.append(plan_lib.PassedParam(name, shape, reason))
+    if i not in used:
+      passed.append(plan_lib.PassedParam(name, shape, reasons[name]))
   return plan_lib.LayerPlan(tuple(sorted(layers, key=lambda l: l.key)),
                             tuple(passed))
 
@@ -143,7 +156,7 @@ def plan(fn: Callable[..., Any], params: Any, *args: Any,
     >>> plan.keys
     ('w',)
   """
-  registry = _registry(params, exclude, embed_lookup)
+  registry = new_registry(params, exclude, embed_lookup)
   _, stats = jax.eval_shape(
       lambda p, a, k: program.run(fn, registry, p, a, k), params, args,
       kwargs)
@@ -178,7 +191,7 @@ def checked_capture_plan(result: plan_lib.LayerPlan, fn: Callable[..., Any],
   Raises:
     ValueError: the capture found no layer (MAC would be plain SGD).
   """
-  registry = _registry(params, (), False)
+  registry = new_registry(params, (), False)
   try:
     jax.eval_shape(lambda p, a, k: program.run(fn, registry, p, a, k),
                    params, args, kwargs)
@@ -197,7 +210,15 @@ def checked_capture_plan(result: plan_lib.LayerPlan, fn: Callable[..., Any],
           f'{found.layout.roles()}) that the Flax capture does not see: '
           'mac_optax.plan(fn, params, x) preconditions it'))
     passed.append(p)
-  result = dataclasses.replace(result, passed=tuple(passed))
+  return not_empty(dataclasses.replace(result, passed=tuple(passed)))
+
+
+def not_empty(result: plan_lib.LayerPlan) -> plan_lib.LayerPlan:
+  """`result`, if it has a layer.
+
+  Raises:
+    ValueError: the capture found no layer (MAC would be plain SGD).
+  """
   if not result.layers:
     raise ValueError(
         'mac: the capture found no layer in this model: MAC would be plain '
@@ -268,12 +289,14 @@ def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan, *,
   exclude, embed_lookup = plan.program_options
 
   def wrapped(params, *args, **kwargs):
-    registry = _registry(params, exclude, embed_lookup)
+    registry = new_registry(params, exclude, embed_lookup)
     registry.token_mask = token_mask_lib.checked(token_mask)
     if registry.token_mask is not None:
       registry.mask_check = token_mask_lib.MaskCheck(registry.token_mask,
                                                      'with_statistics')
     out, stats = program.run(fn, registry, params, args, kwargs)
+    if registry.mask_check is not None:
+      registry.mask_check.verify()
     _check_same(plan, registry, stats)
     return out, stats
 

@@ -42,13 +42,20 @@ ATTENTION_MEAN = 'mac_attention_mean'
 ATTEND_MEAN = 'mac_attend_mean'
 LOOKUP_MEAN = 'mac_lookup_mean'
 EINSUM_MEAN = 'mac_einsum_mean'
-# Layers found in a traced program (`mac_optax.plan`): the statistic is
-# keyed by the layer, not sown, and the layer names its own leaves.
+# Layers found in a traced program whose kernel the names above cannot
+# reach (a parameter `w`, a bias of another name or order): keyed by the
+# kernel's own path (`mac_optax.plan`), or sown there by a Flax capture;
+# the plan names the kernel and bias leaves.
 PROGRAM = 'mac_program_mean'
+PROGRAM_LOOKUP = 'mac_program_lookup_mean'
 
 # sown name -> the parameter leaf it preconditions.
 PARAM = {MEAN: 'kernel', ATTENTION_MEAN: 'kernel', ATTEND_MEAN: 'embedding',
          LOOKUP_MEAN: 'embedding', EINSUM_MEAN: 'kernel'}
+# Every name a capture sows.
+SOWN = (*PARAM, PROGRAM, PROGRAM_LOOKUP)
+# Statistics of embedding lookups (their layer's key ends in '@lookup').
+LOOKUPS = (LOOKUP_MEAN, PROGRAM_LOOKUP)
 # Statistics whose layer's bias is an extra input row.
 WITH_BIAS = (MEAN, ATTENTION_MEAN, EINSUM_MEAN)
 # What a capture sows for a projection that `sow_attention` also sows at: the
@@ -59,6 +66,13 @@ REPLACED_BY_ATTENTION = (MEAN, EINSUM_MEAN)
 _WRAPPER_KEYS = ('value', 'raw_value', 'unbox')
 
 Path = tuple[str, ...]
+
+
+def kernel_of(path: Path, name: str) -> Path:
+  """The parameter a statistic sown at `path` under `name` preconditions."""
+  if name in (PROGRAM, PROGRAM_LOOKUP):
+    return path
+  return path + (PARAM[name],)
 
 
 def key_name(key: Any) -> str:
@@ -116,7 +130,7 @@ def strip_collection(intermediates: Any) -> Any:
 
 def _sown(tree: Any) -> bool:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return any(key_name(k) in PARAM for path, _ in flat for k in path)
+  return any(key_name(k) in SOWN for path, _ in flat for k in path)
 
 
 def is_program_statistics(tree: Any) -> bool:
@@ -134,7 +148,7 @@ def sown_statistics(intermediates: Any) -> dict[tuple[Path, str], list]:
   for path, leaf in flat:
     names = [key_name(k) for k in path]
     for i, name in enumerate(names):
-      if name in PARAM:
+      if name in SOWN:
         found.setdefault((tuple(names[:i]), name), []).append(leaf)
         break
   return found

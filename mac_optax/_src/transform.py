@@ -125,12 +125,12 @@ def _plan_from_step(grads: Any, intermediates: Any, exact,
   known = plan_lib.from_statistics(grads, intermediates,
                                    skip_missing_params=True)
   if not known.layers:
-    wanted = [p + (statistics.PARAM[n],) for p, n in found]
+    wanted = [statistics.kernel_of(p, n) for p, n in found]
     masked = statistics.masked_paths(grads)
     if not index or all(w in masked for w in wanted):
       return known   # every layer masked out: nothing to precondition
     plan_lib.check_not_nested(wanted, index)
-    looked = ', '.join(f"'{statistics.join(p + (statistics.PARAM[n],))}'"
+    looked = ', '.join(f"'{statistics.join(statistics.kernel_of(p, n))}'"
                        for p, n in sorted(found)[:5])
     raise ValueError(
         f'mac: none of the {len(found)} captured statistics has a parameter '
