@@ -6,7 +6,7 @@ same number of steps; only the update rule differs:
 
 * MAC:  ``nnx.Optimizer(model, mac_optax.mac_sgd(lr, momentum))``, with the
   layer statistics captured from the unmodified model by
-  ``mac_optax.nnx.capture()`` and passed as ``intermediates=``;
+  ``mac_optax.nnx.capture(model)`` and passed as ``intermediates=``;
 * SGD:  ``nnx.Optimizer(model, optax.sgd(lr, momentum))``.
 
 The data are the 1797 8×8 handwritten digits bundled with scikit-learn,
@@ -57,8 +57,7 @@ class CNN(nnx.Module):
 @nnx.jit
 def mac_step(model: CNN, optimizer: nnx.Optimizer, x, y):
   def loss_fn(model):
-    with mac_nnx.capture():                      # the model is unchanged
-      logits, inter = nnx.capture(model, nnx.Intermediate)(x)
+    logits, inter = mac_nnx.capture(model)(x)
     return cross_entropy(logits, y), inter
 
   (loss, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

@@ -4,7 +4,7 @@ An unmodified NNX transformer: 2×2 patches of scikit-learn's 8×8 digits
 (16 tokens), a learned position embedding, ``--depth`` pre-norm blocks of
 ``nnx.MultiHeadAttention`` + MLP created with ``nnx.vmap`` and run with
 ``nnx.scan`` (parameters and MAC statistics stacked on a leading axis), mean
-pooling and a linear head. Under ``mac_optax.nnx.capture()`` the query, key and
+pooling and a linear head. Through ``mac_optax.nnx.capture(model)`` the query, key and
 output projections and the MLP layers are preconditioned with their mean
 inputs, the value projections with the attention-mixed mean
 ``E_{b,h,i}[Σ_j P_bhij x_bj]``; norms, biases' own statistics and the position
@@ -89,8 +89,7 @@ class ViT(nnx.Module):
 @nnx.jit
 def mac_step(model: ViT, optimizer: nnx.Optimizer, x, y):
   def loss_fn(model):
-    with mac_nnx.capture():                      # the model is unchanged
-      logits, inter = nnx.capture(model, nnx.Intermediate)(x)
+    logits, inter = mac_nnx.capture(model)(x)
     return cross_entropy(logits, y), inter
 
   (loss, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

@@ -1,4 +1,4 @@
-"""Flax NNX capture of MAC statistics: ``mac_optax.nnx.capture()``.
+"""Flax NNX capture of MAC statistics: ``mac_optax.nnx.capture(model)``.
 
 Example:
   >>> plan = mac_optax.nnx.plan(model, x[:1])
@@ -8,8 +8,7 @@ Example:
   >>> @nnx.jit
   ... def train_step(model, optimizer, x, y):
   ...   def loss_fn(model):
-  ...     with mac_optax.nnx.capture():           # unmodified model
-  ...       logits, inter = nnx.capture(model, nnx.Intermediate)(x)
+  ...     logits, inter = mac_optax.nnx.capture(model)(x)   # unmodified model
   ...     return loss(logits, y), inter
   ...   (l, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
   ...   optimizer.update(model, grads, intermediates=inter)

@@ -37,7 +37,7 @@ def test_docs_page_python_blocks_run(page):
 def test_getting_started_shows_linen_nnx_train_state_and_batch_norm():
   code = '\n'.join(c for _, c in markdown_snippets.python_blocks(
       DOCS / 'getting_started.md'))
-  for needle in ('mac_linen.capture()', 'mac_nnx.capture()',
+  for needle in ('mac_linen.capture()', 'mac_nnx.capture(net)',
                  'mac_optax.TrainState', 'intermediates=inter',
                  "mutable=['batch_stats', 'intermediates']",
                  "rngs={'dropout': key}", 'nn.BatchNorm', 'nn.Dropout'):

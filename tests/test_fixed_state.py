@@ -129,8 +129,7 @@ def test_nnx_optimizer_holds_the_complete_state_from_the_start(mlp):
     traces.append(1)
 
     def loss_fn(model):
-      with mac_nnx.capture():
-        logits, inter = nnx.capture(model, nnx.Intermediate)(x)
+      logits, inter = mac_nnx.capture(model)(x)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
       return loss.mean(), inter
     (_, inter), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

@@ -31,8 +31,7 @@ def test_gqa_8_query_heads_2_kv_heads_value_mean_matches_explicit_probs():
     pytest.skip('this Flax has no num_kv_heads')
   net = _Net(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
-  with mac_optax.nnx.capture():
-    _, inter = nnx.capture(net, nnx.Intermediate)(x)
+  _, inter = mac_optax.nnx.capture(net)(x)
   (value,) = inter['attn']['value'][mac_optax.MEAN]
   plan = mac_optax.nnx.plan(net, x)
   assert plan['attn/value'].kind == 'attention_value'
@@ -47,9 +46,11 @@ def test_gqa_8_query_heads_2_kv_heads_value_mean_matches_explicit_probs():
     k = jnp.repeat(k, 4, axis=2)   # query head h reads kv head h // 4
     s = jnp.einsum('bihd,bjhd->bhij', q, k) / np.sqrt(q.shape[-1])
     p = np.asarray(jax.nn.softmax(s, axis=-1))
-  expected = np.einsum('bhij,bjd->d', p, np.asarray(x, np.float64)) / (
-      p.shape[0] * p.shape[1] * p.shape[2])
-  np.testing.assert_allclose(value[0], expected, rtol=1e-5, atol=1e-6)
+  # One mixed mean per kv head: over the 4 query heads reading it.
+  b, h, n = p.shape[:3]
+  expected = np.einsum('bgrij,bjd->gd', p.reshape(b, 2, h // 2, n, n),
+                       np.asarray(x, np.float64)) / (b * (h // 2) * n)
+  np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------- hand-written GQA, sow_attention
@@ -169,8 +170,7 @@ def test_hand_written_gqa_sow_attention_linen_and_nnx():
     layer.bias[...] = params[name]['bias']
   nnx_plan = mac_optax.nnx.plan(net, x)
   assert nnx_plan['kv'].statistic == mac_optax.ATTENTION_MEAN
-  with mac_optax.nnx.capture():
-    _, nnx_inter = nnx.capture(net, nnx.Intermediate)(x)
+  _, nnx_inter = mac_optax.nnx.capture(net)(x)
   (nnx_stat,) = nnx_inter['kv'][mac_optax.ATTENTION_MEAN]
   np.testing.assert_allclose(nnx_stat, expected, rtol=1e-5, atol=1e-6)
   nnx_params = nnx.state(net, nnx.Param)
@@ -198,9 +198,10 @@ def _normalized_mixed_mean(x, p):
   s = np.einsum('bihd,bjhd->bhij', q, k) / np.sqrt(q.shape[-1])
   s = s - s.max(-1, keepdims=True)
   probs = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
-  plain = np.einsum('bhij,bjd->d', np.ones_like(probs) / probs.shape[-1], xd)
-  mixed = np.einsum('bhij,bjd->d', probs, xd)
-  n = probs.shape[0] * probs.shape[1] * probs.shape[2]
+  plain = np.einsum('bhij,bjd->hd', np.ones_like(probs) / probs.shape[-1],
+                    xd)
+  mixed = np.einsum('bhij,bjd->hd', probs, xd)       # per head
+  n = probs.shape[0] * probs.shape[2]
   return mixed / n, plain / n
 
 
@@ -228,7 +229,7 @@ def test_normalize_qk_linen_and_nnx_value_mean_matches_explicit_probs():
   (value,) = v['intermediates']['attn']['value'][mac_optax.MEAN]
   expected, plain = _normalized_mixed_mean(x, params['attn'])
   assert np.abs(expected - plain).max() > 1e-2
-  np.testing.assert_allclose(value[0], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
   plan = mac_optax.linen.plan(model, {'params': params}, x)
   assert plan['attn/value'].kind == 'attention_value'
 
@@ -243,12 +244,11 @@ def test_normalize_qk_linen_and_nnx_value_mean_matches_explicit_probs():
   net = NnxNet(nnx.Rngs(0))
   graphdef, state = nnx.split(net)
   net = nnx.merge(graphdef, _scaled(state, 3))
-  with mac_optax.nnx.capture():
-    _, inter = nnx.capture(net, nnx.Intermediate)(x)
+  _, inter = mac_optax.nnx.capture(net)(x)
   (value,) = inter['attn']['value'][mac_optax.MEAN]
   params = nnx.state(net, nnx.Param)
   to_pure = getattr(nnx, 'to_pure_dict', lambda s: s.to_pure_dict())
   pure = jax.tree_util.tree_map(np.asarray, to_pure(params))
   expected, _ = _normalized_mixed_mean(x, pure['attn'])
-  np.testing.assert_allclose(value[0], expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
   assert mac_optax.nnx.plan(net, x)['attn/value'].kind == 'attention_value'

@@ -156,8 +156,8 @@ def test_nnx_padded_batch_equals_unpadded_sequences():
 
   @nnx.jit
   def padded_stats(net, ids, mask):
-    with mac_optax.nnx.capture(embed_lookup=True, token_mask=mask):
-      _, inter = nnx.capture(net, nnx.Intermediate)(ids, mask)
+    _, inter = mac_optax.nnx.capture(net, embed_lookup=True,
+                                     token_mask=mask)(ids, mask)
     return inter
 
   padded = padded_stats(net, ids, mask)
@@ -168,9 +168,8 @@ def test_nnx_padded_batch_equals_unpadded_sequences():
         lambda a: jnp.asarray(a, jnp.float64)
         if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
     for b, n in enumerate(LENGTHS):
-      with mac_optax.nnx.capture(embed_lookup=True):
-        _, inter = nnx.capture(net64, nnx.Intermediate)(
-            ids[b:b + 1, :n], mask[b:b + 1, :n])
+      _, inter = mac_optax.nnx.capture(net64, embed_lookup=True)(
+          ids[b:b + 1, :n], mask[b:b + 1, :n])
       per_sequence.append(jax.tree_util.tree_map(np.asarray, inter))
   expected = _combine(per_sequence)
   _check(padded, expected)
@@ -200,6 +199,9 @@ def test_conv_over_a_masked_token_axis_raises():
       model.apply(variables, x, mutable=['intermediates'])
 
 
+_LINEAR = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize('mask,why', [
     (np.ones((2, 3), np.float32), 'booleans'),
     (np.ones((), bool), 'booleans'),
@@ -208,12 +210,12 @@ def test_malformed_masks_raise(mask, why):
   with pytest.raises(ValueError, match=why):
     mac_optax.linen.capture(token_mask=mask).__enter__()
   with pytest.raises(ValueError, match=why):
-    mac_optax.nnx.capture(token_mask=mask)
+    mac_optax.nnx.capture(_LINEAR, token_mask=mask)
 
 
 def test_product_of_means_with_a_mask_raises():
   with pytest.raises(ValueError, match='product_of_means'):
-    mac_optax.nnx.capture(attention='product_of_means',
+    mac_optax.nnx.capture(_LINEAR, attention='product_of_means',
                           token_mask=np.ones((2, 3), bool))
 
 
@@ -372,8 +374,7 @@ def test_nnx_mask_that_leads_no_input_raises_at_trace_time():
 
   @nnx.jit
   def stats(net, ids, mask, token_mask):
-    with mac_optax.nnx.capture(token_mask=token_mask):
-      _, inter = nnx.capture(net, nnx.Intermediate)(ids, mask)
+    _, inter = mac_optax.nnx.capture(net, token_mask=token_mask)(ids, mask)
     return inter
 
   with pytest.raises(ValueError, match=rf'of shape \({B}, {T + 2}\) matched '

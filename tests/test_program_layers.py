@@ -518,7 +518,7 @@ def test_linen_capture_preconditions_what_the_program_finds():
       (l.kernel_leaf, l.layout) for l in program_plan.layers}
 
 
-def test_nnx_plan_names_a_layer_only_the_program_sees():
+def test_nnx_capture_preconditions_what_the_program_finds():
   from flax import nnx   # pylint: disable=g-import-not-at-top
 
   class Net(nnx.Module):
@@ -530,7 +530,16 @@ def test_nnx_plan_names_a_layer_only_the_program_sees():
     def __call__(self, x):
       return self.head(jnp.tanh(x @ self.w[...].T))
 
-  plan = mac_optax.nnx.plan(Net(nnx.Rngs(0)), jnp.ones((2, 4)))
-  assert plan.keys == ('head',)
-  reasons = {p.path: p.reason for p in plan.passed}
-  assert 'a layer in the program (dense, roles oi)' in reasons['w']
+  net = Net(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(14), (2, 4))
+  plan = mac_optax.nnx.plan(net, x)
+  assert plan.keys == ('head', 'w') and plan['w'].layout.roles() == 'oi'
+  _, inter = mac_optax.nnx.capture(net)(x)
+  (stat,) = inter['w'][plan['w'].statistic]
+  np.testing.assert_allclose(stat[0], np.asarray(x).mean(0), rtol=1e-6)
+  graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+  fn = lambda p, x: nnx.merge(graphdef, p, rest)(x)
+  program_plan = mac_optax.plan(fn, params, x)
+  _, stats = mac_optax.with_statistics(fn, program_plan)(params, x)
+  moved = _same_updates(plan, inter, program_plan, stats, params)
+  assert all(jax.tree_util.tree_leaves(moved))

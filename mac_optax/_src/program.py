@@ -721,7 +721,7 @@ def _mixed_statistic(ctx, level, eqn, values, v_side, v_trail):
       continue
     p_letters.append(next(letters))   # queries, heads shared by all columns
     shape.append(n)
-    if pa not in batch_p:
+    if pa not in batch_p and n > 1:   # (a size-1 axis: a broadcast group)
       queries.append((p_letters[-1], n))
   group = 'G' if groups else ''
   w_spec = group + ''.join(x_letter.values())

@@ -45,6 +45,8 @@ class Sown:
   kind: str
   layout: KernelLayout
   bias: Optional[Path]       # the bias parameter's path, or None
+  leaf: int                  # the kernel's flat index in the parameters
+  keys: tuple = ()           # `path` as the parameters' own keys
 
 
 def _prefix_rule(layout: KernelLayout, transposed: bool = False) -> bool:
@@ -72,25 +74,29 @@ def place(registry: program.Registry, found: program.Found) -> Sown:
   module, leaf = kernel[:-1], kernel[-1]
   bias = (None if found.bias_leaf is None
           else statistics.split(names[found.bias_leaf]))
-  layout = _in_kernel_order(found.layout)
+  layout = found.layout
   kind = _KINDS[found.kind]
   sibling_bias = module + ('bias',)
   if found.kind == program.LOOKUP:
-    if leaf == 'embedding' and _prefix_rule(layout):
-      return Sown(module, statistics.LOOKUP_MEAN, kind, layout, None)
-    return Sown(kernel, statistics.PROGRAM_LOOKUP, kind, layout, None)
-  if leaf == 'embedding' and bias is None and _prefix_rule(layout, True):
+    if leaf == 'embedding' and _prefix_rule(_in_kernel_order(layout)):
+      return Sown(module, statistics.LOOKUP_MEAN, kind,
+                  _in_kernel_order(layout), None, found.leaf)
+    return Sown(kernel, statistics.PROGRAM_LOOKUP, kind, layout, None,
+                found.leaf)
+  if leaf == 'embedding' and bias is None and _prefix_rule(
+      _in_kernel_order(layout), True):
     return Sown(module, statistics.ATTEND_MEAN, plan_lib.EMBED_ATTEND,
-                layout, None)
+                _in_kernel_order(layout), None, found.leaf)
   bias_is_sibling = (bias == sibling_bias if bias is not None else
                      statistics.join(sibling_bias) not in names)
   if leaf == 'kernel' and bias_is_sibling:
-    if layout.bias_axes is None and _prefix_rule(layout):
-      return Sown(module, statistics.MEAN, kind, layout, bias)
+    natural = _in_kernel_order(layout)
+    if natural.bias_axes is None and _prefix_rule(natural):
+      return Sown(module, statistics.MEAN, kind, natural, bias, found.leaf)
     return Sown(module, statistics.EINSUM_MEAN,
                 plan_lib.EINSUM if kind == plan_lib.DENSE else kind,
-                layout, bias)
-  return Sown(kernel, statistics.PROGRAM, kind, layout, bias)
+                layout, bias, found.leaf)
+  return Sown(kernel, statistics.PROGRAM, kind, layout, bias, found.leaf)
 
 
 def evaluate(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict,
@@ -123,10 +129,14 @@ def evaluate(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict,
   placed = []
   for found in registry.layers():
     if found.key in stats:
-      placed.append((place(registry, found), stats[found.key]))
+      sown = place(registry, found)
+      placed.append((sown, stats[found.key].reshape(sown.layout.stat_shape)))
   if survey is not None:
     _record(survey, registry, placed, root)
-  return out, placed
+  # The intermediates are keyed like the parameters (NNX lists: integers).
+  keys = statistics.leaf_keys(params)
+  return out, [(dataclasses.replace(sown, keys=keys[sown.leaf][
+      :len(sown.path)]), stat) for sown, stat in placed]
 
 
 def _record(survey: capture_core.Survey, registry: program.Registry,
@@ -152,7 +162,7 @@ def add_sown(intermediates: dict, placed: list) -> dict:
   """
   for sown, stat in placed:
     node = intermediates
-    for name in sown.path:
+    for name in sown.keys:
       node = node.setdefault(name, {})
     node[sown.name] = tuple(node.get(sown.name, ())) + (stat,)
   return intermediates

@@ -83,6 +83,26 @@ def key_name(key: Any) -> str:
   return str(key)
 
 
+def key_value(key: Any) -> Any:
+  """A path entry of `jax.tree_util` as the key it is (``'w'``, ``0``)."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
+
+
+def leaf_keys(tree: Any) -> list[tuple]:
+  """The path of every leaf of `tree` as its own keys, wrapper keys dropped."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  out = []
+  for path, _ in flat:
+    keys = [key_value(k) for k in path]
+    while keys and str(keys[-1]) in _WRAPPER_KEYS:
+      keys.pop()
+    out.append(tuple(keys))
+  return out
+
+
 def _names(path) -> Path:
   names = tuple(key_name(k) for k in path)
   while names and names[-1] in _WRAPPER_KEYS:

@@ -24,8 +24,7 @@ _MISSING_INTERMEDIATES = (
     "mutable=['intermediates'])\n"
     "    ... tx.update(grads, opt_state, params, "
     "intermediates=v['intermediates'])\n"
-    '(NNX: `with mac_optax.nnx.capture(): out, inter = '
-    'nnx.capture(model, nnx.Intermediate)(x)`.)'
+    '(NNX: `out, inter = mac_optax.nnx.capture(model)(x)`.)'
     '\nIf you train with `flax.training.train_state.TrainState`: its '
     '`apply_gradients` does not forward keywords to `tx.update` (it calls '
     '`tx.update(grads, opt_state, params)`), so the statistics never arrive '
