@@ -1,31 +1,22 @@
-"""What the linen and NNX captures share: options, attention calls, surveys.
+"""What the linen and NNX captures share: options, open captures, surveys.
 
-The captures differ only in how they reach a layer call (linen: a method
-interceptor; NNX: a class patch) and how they sow (``module.sow`` into the
-``'intermediates'`` collection or into ``nnx.Intermediate``). Everything
-else is here, written once:
+The captures differ only in how they reach the model's call (linen: Flax's
+method interceptor; NNX: the model given to the capture) and where the
+statistics go (the ``'intermediates'`` collection, an ``nnx.State``); both
+evaluate the call through the program interpreter (:mod:`sown_program`).
+Written once here:
 
 * :class:`Options` and :class:`OpenCaptures`: the options of the open
   captures, at most one per thread (nesting raises), entered and exited
   from any thread; a token mask that matched no input raises on exit;
-* :class:`AttentionCall`: one call of a supported attention layer. Its
-  projections' statistics are held until the call returns; the value
-  projection is the one whose output is the ``value`` the layer's
-  ``attention_fn`` received (array identity), and it gets the
-  attention-mixed mean from the probabilities the layer computed (after
-  softmax and masks, before dropout), reduced at once to per-key weights.
-  If the value projection or the probabilities cannot be identified the
-  call raises: the capture never falls back to a plain mean silently;
 * :func:`attention_statistic`: the statistic of ``sow_attention``;
 * :class:`Survey`: what a plan-building forward pass saw (module types,
-  layer kinds, supported layers called, the axis roles of einsum layers).
+  layer kinds and layouts, why parameters pass through).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,7 +27,6 @@ from mac_optax._src import attention
 from mac_optax._src import mean_inputs
 from mac_optax._src import token_mask as token_mask_lib
 
-_WEIGHTS_NAME = 'attention_weights'   # what Flax's attention sows
 
 
 def input_mean(x: jax.Array, axis: Sequence[int] = (-1,),
@@ -229,136 +219,12 @@ def static_scalars(args: Any) -> tuple[list, Callable[[list], Any]]:
 # -------------------------------------------------------------- attention
 
 
-class _Recorder:
-  """Stands in for ``module`` in ``attention_fn(..., module=)``.
-
-  Flax's ``dot_product_attention_weights`` hands ``module.sow`` the
-  probabilities; they are reduced here to ``[B, Nk]`` at once (over real
-  queries when the queries are token rows of the capture's mask), with the
-  real queries per example (None: unmasked). A real module given by the
-  layer (``sow_weights=True``) still receives them.
-  """
-
-  def __init__(self, weights: list, module: Any, mask: Optional[jax.Array]):
-    self._weights = weights
-    self._module = module
-    self._mask = mask
-
-  def __bool__(self) -> bool:
-    return True
-
-  def sow(self, collection, name, value, *args, **kwargs):
-    if name == _WEIGHTS_NAME:
-      self._weights.append(reduce_probs(value, self._mask))
-    if self._module is not None:
-      return self._module.sow(collection, name, value, *args, **kwargs)
-    return False
-
-
 def reduce_probs(probs: jax.Array, mask: Optional[jax.Array]
                  ) -> tuple[jax.Array, Optional[jax.Array]]:
   """``(w_bj, n_b or None)``: key weights over real queries, their counts."""
   queries = token_mask_lib.query_weights(mask, probs.shape)
   counts = None if queries is None else jnp.sum(queries, axis=-1)
   return attention.key_weights(probs, queries), counts
-
-
-def _accepts_module(fn: Callable) -> bool:
-  try:
-    return 'module' in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-
-
-@dataclasses.dataclass
-class _Held:
-  sow: Callable[[jax.Array], None]
-  mean: jax.Array
-  inputs: jax.Array
-  output: Any
-  on_value: Callable[[], None]
-
-
-class AttentionCall:
-  """One call of a supported attention layer, under capture.
-
-  Args:
-    where: the layer, for error messages (its path or class).
-    options: the open capture's options (mode and token mask).
-  """
-
-  def __init__(self, where: str, options: Options):
-    self.where = where
-    self.mode = options.attention
-    self.mask = options.token_mask
-    self._thread = threading.get_ident()
-    self._value = None
-    self._weights: list = []
-    self._held: list[_Held] = []
-    self._skipped: list = []
-
-  def recording(self, attention_fn: Callable) -> Callable:
-    """A pass-through ``attention_fn`` that records ``value`` and weights."""
-    if not _accepts_module(attention_fn):
-      raise ValueError(
-          f"mac: attention layer '{self.where}': its attention_fn "
-          f'{getattr(attention_fn, "__name__", attention_fn)!r} has no '
-          '`module` argument, so the capture cannot see the attention '
-          "probabilities. Use capture(attention='plain') (plain value "
-          'mean), or compute the statistic with sow_attention(..., '
-          'weights=mac_optax.attention.key_weights_from_attention(...)).')
-
-    @functools.wraps(attention_fn)  # keeps the signature Flax filters on
-    def wrapper(query, key, value, *args, **kwargs):
-      if threading.get_ident() != self._thread:
-        # A module shared with an uncaptured thread: not this call's.
-        return attention_fn(query, key, value, *args, **kwargs)
-      self._value = value
-      kwargs['module'] = _Recorder(self._weights, kwargs.get('module'),
-                                   self.mask)
-      return attention_fn(query, key, value, *args, **kwargs)
-
-    return wrapper
-
-  def hold(self, sow: Callable[[jax.Array], None], mean: jax.Array,
-           inputs: jax.Array, output: Any,
-           on_value: Callable[[], None] = lambda: None) -> None:
-    """Holds a projection's statistic until :meth:`release`."""
-    self._held.append(_Held(sow, mean, inputs, output, on_value))
-
-  def skip(self, output: Any) -> None:
-    """Notes the output of a projection the user excluded (``exclude=``)."""
-    self._skipped.append(output)
-
-  def release(self) -> None:
-    """Sows the held statistics, the value projection's attention-mixed.
-
-    Raises:
-      ValueError: the probabilities were not recorded exactly once, or not
-        exactly one projection produced the value the attention read.
-    """
-    if any(out is self._value for out in self._skipped):
-      for held in self._held:   # the value projection is excluded
-        held.sow(held.mean)
-      return
-    values = [h for h in self._held if h.output is self._value]
-    if len(self._weights) != 1 or len(values) != 1:
-      raise ValueError(
-          f"mac: attention layer '{self.where}': could not identify its "
-          f'value projection ({len(values)} projection outputs are the value '
-          f'its attention_fn read, {len(self._weights)} probability arrays '
-          'were recorded; expected 1 and 1). Use '
-          "capture(attention='plain') for this model, or sow_attention in a "
-          'hand-written layer.')
-    (value,) = values
-    (weights, counts), = self._weights
-    for held in self._held:
-      if held is value:
-        held.sow(attention.mixed_mean(weights, held.inputs, self.mode,
-                                      counts))
-        held.on_value()
-      else:
-        held.sow(held.mean)
 
 
 def attention_statistic(where: str, inputs: jax.Array, *,

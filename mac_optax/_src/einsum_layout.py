@@ -1,4 +1,4 @@
-"""Einsum layers for MAC: axis roles from the equation, and their statistic.
+"""Einsum layers as SMAC's probes see them: axis roles from the equation.
 
 A layer ``y = einsum('<x>,<w>-><y>', x, w) (+ b)`` (``nn.Einsum``,
 ``nnx.Einsum``; ``DenseGeneral``/``LinearGeneral`` with batch axes are
@@ -13,33 +13,18 @@ written as one) is linear in ``w``. Each kernel letter has one role:
 
 A kernel letter in neither ``x`` nor ``y`` (summed away without touching the
 input), a repeated letter, an ellipsis in the kernel, or a kernel without
-input or output letters cannot be modelled and raises.
-
-The statistic. Differentiating ``Σ y`` with respect to ``w`` gives, for batch
-index ``n``, ``Σ_{x letters not in w} x[..]`` (letters of ``x`` in ``y`` but
-not in ``w`` are the *rows*; letters of ``x`` in neither are summed by the
-layer itself), and ``∂Σy/∂b`` counts the rows. The mean input of index ``n``
-is therefore
-
-    ā[n, d] = Σ_{rows, summed} x[rows, summed, n, d] / #rows,
-
-one einsum of the input, never a materialized copy. The bias (Flax's shape:
-the kernel letters that reach ``y``, in ``y``'s order) is the input ``1`` of
-every row.
+input or output letters cannot be modelled and raises. (MAC's statistics
+find the same roles in the traced program's ``dot_general``.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import string
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 
-from mac_optax._src import mean_inputs
-from mac_optax._src import token_mask
 from mac_optax._src.layout import KernelLayout
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -174,60 +159,6 @@ def parse(equation: str, input_ndim: Optional[int],
   return EinsumLayer(x, w, y, roles)
 
 
-def roles_of(equation: str, kernel_shape: Sequence[int],
-             where: str, exclude: Optional[str] = None) -> AxisRoles:
-  """The kernel roles of an equation, without an input (see :func:`parse`)."""
-  return parse(equation, None, kernel_shape, where, exclude).roles
-
-
-def dense_general_roles(batch_shape: Sequence[int],
-                        in_features: Sequence[int],
-                        out_features: Sequence[int]) -> AxisRoles:
-  """Roles of a ``(*batch, *in_features, *out_features)`` batched kernel."""
-  nb, ni = len(batch_shape), len(in_features)
-  shape = tuple(batch_shape) + tuple(in_features) + tuple(out_features)
-  batch, outputs = tuple(range(nb)), tuple(range(nb + ni, len(shape)))
-  return AxisRoles(shape, tuple(range(nb, nb + ni)), batch, outputs,
-                   batch + outputs)
-
-
-def statistic(layer: EinsumLayer, x: jax.Array,
-              mask: Optional[jax.Array] = None) -> jax.Array:
-  """``[G, d_in]`` mean input of each batch index (module docstring).
-
-  With a token `mask` leading ``x`` on row letters (the rule of the
-  token-mask module), the rows are weighted by it:
-  ``ā[n, d] = Σ_{t,r,s} m_t x[t, r, s, n, d] / (Σ_t m_t · #r)``.
-
-  Args:
-    layer: from :func:`parse`.
-    x: the layer input.
-    mask: the capture's token mask, or None.
-
-  Returns:
-    float32 (or wider) ``[prod(batch sizes), d_in]``.
-  """
-  x = jax.lax.stop_gradient(x)
-  dtype = mean_inputs.stat_dtype(x.dtype)
-  row_axes = [a for a, c in enumerate(layer.x)
-              if c in layer.y and c not in layer.w]
-  rows = math.prod(x.shape[a] for a in row_axes)
-  weights = token_mask.row_weights(mask, x.shape, row_axes, dtype)
-  if weights is None:
-    summed = jnp.einsum(f'{layer.x}->{layer.stat_letters}', x,
-                        preferred_element_type=dtype, precision=_HIGHEST)
-    denominator = max(rows, 1)
-  else:
-    summed = jnp.einsum(
-        f'{layer.x},{layer.x[:weights.ndim]}->{layer.stat_letters}', x,
-        weights, preferred_element_type=dtype, precision=_HIGHEST)
-    denominator = token_mask.count(weights, rows // max(weights.size, 1))
-  r = layer.roles
-  groups = math.prod(r.kernel_shape[a] for a in r.batch)
-  d_in = math.prod(r.kernel_shape[a] for a in r.inputs)
-  return summed.reshape(groups, d_in) / denominator
-
-
 def dense_general_equation(input_ndim: int, batch_dims: Sequence[int],
                            axis: Sequence[int], n_features: int) -> str:
   """The einsum equation of ``DenseGeneral``/``LinearGeneral`` with batch axes.
@@ -247,29 +178,3 @@ def dense_general_equation(input_ndim: int, batch_dims: Sequence[int],
                  if a not in batch_dims and a not in axis)
   y = ''.join(x[a] for a in batch_dims) + free + features
   return f'{x},{w}->{y}'
-
-
-def call_statistic(equation: str, x: jax.Array, kernel_shape: Sequence[int],
-                   where: str, mask: Optional[jax.Array] = None,
-                   exclude: Optional[str] = None
-                   ) -> tuple[jax.Array, AxisRoles]:
-  """The ``[G, d_in]`` statistic and kernel roles of one einsum-layer call.
-
-  Raises:
-    ValueError: an equation MAC cannot model (naming `where`).
-  """
-  layer = parse(equation, x.ndim, kernel_shape, where, exclude)
-  return statistic(layer, x, mask), layer.roles
-
-
-def dense_general_call(x: jax.Array, batch_dims: Sequence[int],
-                       axis: Sequence[int], features: Sequence[int],
-                       where: str, mask: Optional[jax.Array] = None
-                       ) -> tuple[jax.Array, AxisRoles]:
-  """:func:`call_statistic` of a ``DenseGeneral``/``LinearGeneral`` call."""
-  batch_dims = tuple(a % x.ndim for a in batch_dims)
-  axis = tuple(a % x.ndim for a in axis)
-  kernel_shape = (tuple(x.shape[a] for a in batch_dims)
-                  + tuple(x.shape[a] for a in axis) + tuple(features))
-  equation = dense_general_equation(x.ndim, batch_dims, axis, len(features))
-  return call_statistic(equation, x, kernel_shape, where, mask)

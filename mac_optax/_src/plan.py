@@ -217,14 +217,14 @@ def _layer_layout(path: str, name: str, calls: Sequence[Any],
     roles = layouts.get(path)
     if roles is None:
       raise ValueError(
-          f"mac: layer '{path}' is an einsum-style layer (nn.Einsum, "
-          'nnx.Einsum, DenseGeneral/LinearGeneral with batch axes): its '
-          'kernel layout cannot be inferred from the statistic. Pass '
+          f"mac: layer '{path}' has a kernel that is not laid out "
+          '(*inputs, *outputs) (an einsum with batched or reordered axes, '
+          'a kernel stored (out, in) or named other than `kernel`): its '
+          'layout cannot be inferred from the statistic. Pass '
           'plan=mac_optax.linen.plan(...) / mac_optax.nnx.plan(...) to mac '
           '(intermediates_like= and the quick start cannot express it).')
     try:
-      layout = (roles if isinstance(roles, KernelLayout)
-                else roles.layout(kernel_shape, bias_shape))
+      layout = roles
       layout.check_fits(kernel_shape, bias_shape)
     except (ValueError, LayoutError) as e:
       raise ValueError(f"mac: layer '{path}': {e}") from None
@@ -287,12 +287,9 @@ def from_statistics(
     called: module paths of supported layers the forward pass called.
     skip_missing_params: skip statistics whose parameter is absent (masked
       out) instead of raising.
-    layouts: ``{module path: roles}`` recorded by the capture for layers
-      whose kernel layout is not the prefix rule (einsum-style layers, sown
-      as ``EINSUM_MEAN``); each value has ``.layout(kernel_shape,
-      bias_shape) -> KernelLayout`` (an einsum's axis roles), stack axes
-      added; or the :class:`KernelLayout` itself (layers found in the
-      program: ``EINSUM_MEAN``, ``PROGRAM``, ``PROGRAM_LOOKUP``).
+    layouts: ``{path: KernelLayout}`` recorded by the capture for layers
+      whose kernel layout is not the prefix rule (``EINSUM_MEAN``,
+      ``PROGRAM``, ``PROGRAM_LOOKUP``).
     biases: ``{path: bias parameter path or None}`` of the ``PROGRAM``
       statistics (sown at their kernel's path).
     reasons: ``{parameter path: why it is passed through}``, where the

@@ -21,8 +21,6 @@ from mac_optax._src import plan as plan_lib
 from mac_optax._src import program
 from mac_optax._src import statistics
 from mac_optax._src import token_mask as token_mask_lib
-from mac_optax._src.layout import KernelLayout
-from mac_optax._src.layout import LayoutError
 
 Exclude = Union[Sequence[str], Callable[[str], bool]]
 
