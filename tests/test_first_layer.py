@@ -120,6 +120,24 @@ def test_dense_layer_on_tokens():
   assert moment.rows == 12
 
 
+def test_a_layer_of_its_own_code_stored_out_in():
+  class OwnCode(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param('w', nn.initializers.normal(0.5), (5, x.shape[-1]))
+      b = self.param('b', nn.initializers.zeros, (5,))
+      return nn.Dense(2, name='head')(jnp.tanh(x @ w.T + b))
+
+  x = _data((4, 3, 6), seed=3)
+  model = OwnCode()
+  variables = {'params': init_params(model, x)}
+  # Found in the program like MAC's statistics: the kernel `w`, its bias `b`.
+  moment = first_layer.input_second_moment(model, variables, [x], 'w')
+  naive = _naive_moment(x.reshape(-1, 1, 6).astype(np.float64), True)
+  np.testing.assert_allclose(moment.matrix, naive, rtol=1e-5, atol=1e-5)
+  assert moment.has_bias and moment.rows == 12
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _grads_and_stats(model, params, x):
   def loss(p):

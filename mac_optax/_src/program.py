@@ -76,6 +76,12 @@ class Registry:
   found: dict[str, Found] = dataclasses.field(default_factory=dict)
   dropped: dict[str, str] = dataclasses.field(default_factory=dict)
   reasons: dict[int, str] = dataclasses.field(default_factory=dict)
+  # Layers whose input second moment is also wanted (the exact first
+  # layer), and, for those called outside any sub-program, per key
+  # `(Σ a aᵀ [G, d, d], Σ a [G, d], rows)` over this call's rows.
+  moments: frozenset = frozenset()
+  moment_sums: dict[str, tuple] = dataclasses.field(default_factory=dict)
+  top_level: int = -1
 
   def pass_leaf(self, leaf: int, reason: str) -> None:
     self.reasons.setdefault(leaf, reason)
@@ -440,6 +446,7 @@ def _dot_general(ctx, level, eqn, values, trails):
     registry.mask_check.note(flat.shape[:-1], token_mask_lib.row_weights(
         mask, flat.shape, range(flat.ndim - 1), jnp.float32) is not None)
   stat = mean_inputs.dense_mean(flat, (-1,), mask).reshape(groups, d_in)
+  _add_moment(registry, level, key, rows.reshape(-1, groups, d_in))
   call = _Call(key, level.id, stat, rows.reshape(
       rows.shape[:len(free)] + (groups, d_in)), free)
   level.calls.append(call)
@@ -455,6 +462,34 @@ def _dot_general(ctx, level, eqn, values, trails):
         continue
       out_axes.append(trail.axes[a] if side == k else (('x', a),))
   return [out], [_output_trail(level, key, out_axes)], {}
+
+
+def _add_moment(registry: Registry, level: _Level, key: str, a) -> None:
+  """Adds ``Σ a aᵀ`` of rows ``a`` ``[rows, G, d]`` if `key`'s is wanted."""
+  if key not in registry.moments or level.id != registry.top_level:
+    return
+  a = jax.lax.stop_gradient(a).astype(jnp.float32)
+  sums = (jnp.einsum('rgi,rgj->gij', a, a, precision=_HIGHEST),
+          jnp.sum(a, axis=0), jnp.asarray(a.shape[0], jnp.float32))
+  known = registry.moment_sums.get(key)
+  registry.moment_sums[key] = sums if known is None else tuple(
+      s + k for s, k in zip(sums, known))
+
+
+def _conv_patches(x, p, kernel_size, groups):
+  """``[rows, G, (*taps, C/G)]`` im2col patches of a channels-last input."""
+  n = len(kernel_size)
+  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
+  patches = jax.lax.conv_general_dilated_patches(
+      jnp.moveaxis(x, -1, 1), kernel_size, p['window_strides'],
+      [tuple(q) for q in p['padding']],
+      lhs_dilation=p['lhs_dilation'] or (1,) * n,
+      rhs_dilation=p['rhs_dilation'] or (1,) * n)
+  # [N, C·prod(k), *out], C major -> [N·prod(out), G, *k, C/G].
+  patches = jnp.moveaxis(patches, 1, -1)
+  channels = x.shape[-1]
+  patches = patches.reshape(-1, groups, channels // groups, *kernel_size)
+  return jnp.moveaxis(patches, 2, -1).reshape(patches.shape[0], groups, -1)
 
 
 def _output_trail(level: _Level, key: str, axes) -> Trail:
@@ -511,6 +546,12 @@ def _conv(ctx, level, eqn, values, trails):
   order = [0] + [1 + i for i in sorted(range(len(names)),
                                        key=lambda i: names[i])]
   stat = jnp.transpose(patch, order).reshape(groups, -1)
+  if key in registry.moments:
+    rows = _conv_patches(channels_last, p, kernel_size, groups)
+    rows = rows.reshape((rows.shape[0], groups) + tuple(sizes))
+    _add_moment(registry, level, key, jnp.transpose(
+        rows, [0] + [a + 1 for a in order]).reshape(rows.shape[0], groups,
+                                                    -1))
   level.calls.append(_Call(key, level.id, stat))
   # Only the feature axis is traced on (for the bias); the spatial axes are
   # not token axes of the input.
@@ -968,6 +1009,7 @@ def run(fn: Callable, registry: Registry, params, args, kwargs):
     else:
       trails.append(None)
   level = _Level()
+  registry.top_level = level.id
   outs, _, nested = _evaluate(_Context(registry), level, closed.jaxpr,
                               list(closed.consts), flat, trails)
   totals = _finish(level, nested, registry)

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mac_optax._src import statistics
+from mac_optax._src import program
+from mac_optax._src import program_plan
 from mac_optax._src.conv_geometry import ConvGeometry
 from mac_optax._src.exact import path_key as _path_key
 
@@ -189,38 +190,37 @@ def input_second_moment(
     (1, 28, 28)
   """
   key = _path_key(path)
-  target = tuple(key.split('/')) if key else ()   # '': the model itself
   params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
-  has_bias = (target + ('bias',)) in statistics.leaf_paths(params)
-  seen: list[str] = []
   apply_kwargs = dict(apply_kwargs or {})
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == '__call__' and isinstance(
-        module, (nn.Dense, nn.DenseGeneral, nn.Conv)):
-      seen.append('/'.join(module.path))
-      if tuple(module.path) == target:
-        x = args[0] if args else kwargs['inputs']
-        moment, rows = batch_second_moment_sum(module, x, has_bias)
-        module.sow(_COLLECTION, _SUM, moment)
-        module.sow(_COLLECTION, _ROWS, rows)
-    return next_fun(*args, **kwargs)
+  registry = program_plan.new_registry(params, (), False)
+  names = set(registry.leaf_names)
+  # The layer at `path`: the module's `kernel`, or the parameter itself.
+  kernel = next((k for k in ('/'.join(filter(None, (key, 'kernel'))), key)
+                 if k in names), None)
+  found = {}
 
   @jax.jit
   def batch_sum(variables, x):
-    with nn.intercept_methods(interceptor):
-      _, state = model.apply(variables, x, mutable=[_COLLECTION],
-                             **apply_kwargs)
-    layer = state.get(_COLLECTION, {})
-    for name in target:
-      layer = layer.get(name, {}) if isinstance(layer, Mapping) else {}
-    if _SUM not in layer:
-      layers = sorted(set(seen))
+    registry = program_plan.new_registry(variables['params'], (), False)
+    registry.moments = frozenset({kernel})
+    fn = lambda p, x: model.apply({**variables, 'params': p}, x,
+                                  **apply_kwargs)
+    program.run(fn, registry, variables['params'], (x,), {})
+    if kernel not in registry.moment_sums:
+      layers = sorted(f.key for f in registry.layers())
       raise ValueError(
-          f"mac: no nn.Dense/nn.DenseGeneral/nn.Conv layer is called at path "
-          f"'{key}'. Layers called in the forward pass: {layers}.")
-    return sum(layer[_SUM]), sum(layer[_ROWS])
+          f"mac: no layer whose kernel is '{kernel or key}' is called at "
+          f"path '{key}' outside scan/remat/cond (the second moment needs "
+          f'its input rows). Layers called in the forward pass: '
+          f'{layers}.')
+    found['bias'] = registry.found[kernel].bias_leaf is not None
+    aa, a, rows = registry.moment_sums[kernel]
+    if found['bias']:   # the bias is the input's trailing constant 1
+      top = jnp.concatenate([aa, a[..., :, None]], axis=-1)
+      bottom = jnp.concatenate([a, jnp.broadcast_to(rows, a.shape[:-1])[
+          ..., None]], axis=-1)[..., None, :]
+      aa = jnp.concatenate([top, bottom], axis=-2)
+    return aa, rows
 
   iterator = iter(batches)
   if progress:
@@ -241,7 +241,7 @@ def input_second_moment(
     rows += int(count)
   if accumulated is None or rows == 0:
     raise ValueError(f"mac: input_second_moment('{key}'): no batches.")
-  return SecondMoment(accumulated / rows, rows, key, has_bias)
+  return SecondMoment(accumulated / rows, rows, key, found['bias'])
 
 
 # ---------------------------------------------------------- preconditioner --
