@@ -278,3 +278,26 @@ def test_unscaled_layers_names_what_smac_leaves_to_mac_alone():
   assert smac.unscaled_layers(
       mac_linen.plan(net, {'params': net_params}, x),
       smac.probes_like(net, {'params': net_params}, x)) == ()
+
+
+def test_probes_keep_the_attention_mixed_value_statistic():
+  class Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.MultiHeadDotProductAttention(2, name='attn')(x)
+
+  model = Attention()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  variables = model.init(jax.random.key(1), x)
+  probes = smac.probes_like(model, variables, x)
+  with mac_linen.capture():
+    _, alone = model.apply(variables, x, mutable=['intermediates'])
+  # The probe on the value projection's output is an identity with its own
+  # backward rule: the program follows the output through it.
+  with mac_linen.capture(), smac.capture():
+    _, probed = model.apply({**variables, 'mac_probes': probes}, x,
+                            mutable=['intermediates'])
+  (a,) = alone['intermediates']['attn']['value'][mac_optax.MEAN]
+  (b,) = probed['intermediates']['attn']['value'][mac_optax.MEAN]
+  assert a.shape == (2, 8)                      # per head: mixed
+  np.testing.assert_array_equal(a, b)

@@ -259,6 +259,10 @@ def _equation(ctx, level, eqn, values, trails):
                                   shape_out)
     if trail is not None:
       return outs, [trail], {}
+  if name in _CUSTOM_DERIVATIVE:
+    passed = _passed_through(eqn, trails)
+    if any(t is not None for t in passed):
+      return outs, passed, {}
   for t in _param_trails(trails):
     if name in _HIGHER_ORDER or name in _OPAQUE:
       registry.pass_leaf(t.source[1], f'enters `{name}`, which MAC does not '
@@ -828,6 +832,22 @@ def _product_of_means(w, w_spec, group, rows, row_letters, tokens, batch):
                     precision=_HIGHEST)
 
 
+def _passed_through(eqn, trails) -> list:
+  """The trails of a custom-derivative call's outputs that are its inputs.
+
+  The function's value is its primal jaxpr: an output that is an input
+  unchanged (an identity with its own backward rule, e.g. a probe on a
+  layer's output) keeps that input's trail; the call is bound unchanged.
+  """
+  closed = eqn.params.get('call_jaxpr') or eqn.params.get('fun_jaxpr')
+  jaxpr = getattr(closed, 'jaxpr', closed)
+  if jaxpr is None or len(jaxpr.invars) != len(trails):
+    return [None] * len(eqn.outvars)
+  where = {id(v): i for i, v in enumerate(jaxpr.invars)}
+  return [trails[where[id(v)]] if id(v) in where else None
+          for v in jaxpr.outvars]
+
+
 # ------------------------------------------------------- sub-programs
 
 
@@ -970,6 +990,8 @@ _HANDLERS = {
 }
 _HIGHER_ORDER = frozenset(_HANDLERS) - {'dot_general', 'conv_general_dilated',
                                          'gather'}
+_CUSTOM_DERIVATIVE = frozenset({'custom_jvp_call', 'custom_vjp_call',
+                                'custom_vjp_call_jaxpr'})
 _OPAQUE = frozenset({'while', 'custom_jvp_call', 'custom_vjp_call',
                      'custom_vjp_call_jaxpr', 'shard_map', 'xla_pmap',
                      'pure_callback', 'custom_partitioning', 'pallas_call'})
