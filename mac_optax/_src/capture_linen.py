@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from mac_optax._src import capture_core
 from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
-from mac_optax._src import program_plan
 from mac_optax._src import sown_program
 from mac_optax._src import statistics
 
@@ -322,12 +321,7 @@ def plan(model: nn.Module, variables: Any, *args, attention: str = 'exact',  # p
     return state.get(COLLECTION, {})
 
   like = jax.eval_shape(forward, variables, traced)
-  result = capture_core.mark_excluded(plan_lib.from_statistics(
-      variables['params'], like, kinds=survey.kinds,
-      module_types=survey.module_types, called=survey.called,
-      layouts=survey.layouts, biases=survey.biases, reasons=survey.reasons),
-                                      excluded)
-  return program_plan.not_empty(result)
+  return sown_program.plan_of(survey, variables['params'], like, excluded)
 
 
 def intermediates_like(model: nn.Module, variables: Any, *args,

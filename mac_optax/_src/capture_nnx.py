@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from mac_optax._src import capture_core
 from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
-from mac_optax._src import program_plan
 from mac_optax._src import sown_program
 from mac_optax._src import statistics
 
@@ -268,21 +267,17 @@ def sow_attention(projection: nnx.Module, inputs: jax.Array, *,
 def plan(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=redefined-outer-name
          embed_lookup: bool = False, exclude: Any = None,
          **kwargs) -> plan_lib.LayerPlan:
-  """The layer plan of an NNX model: what MAC preconditions, and how.
+  """The layer plan of an NNX model, as :func:`mac_optax.linen.plan`.
 
-  Runs one abstract forward pass (``jax.eval_shape``, no FLOPs; `model` is
-  not modified) through :func:`capture` with the same options as the
-  training step and pairs the statistics with the ``nnx.Param``
-  parameters. ``print(plan)`` shows the coverage table.
+  The abstract pass (``jax.eval_shape``) runs on a copy: `model` is not
+  modified. The statistics pair with the ``nnx.Param`` parameters.
 
   Args:
     model: the NNX module.
-    *args: example inputs of ``model(...)`` (arrays or shapes). Python
-      scalars among them (a flag given by position) are static.
-    attention: as in :func:`capture` (keyword only, like every option).
+    *args: example inputs of ``model(...)``; Python scalars stay static.
+    attention: as in :func:`capture`.
     embed_lookup: as in :func:`capture`.
-    exclude: as in :func:`capture`; the excluded layers' parameters are
-      listed as passed through, 'excluded by the user'.
+    exclude: as in :func:`capture` (listed as 'excluded by the user').
     **kwargs: keyword arguments of ``model(...)``.
 
   Returns:
@@ -314,12 +309,8 @@ def plan(model: nnx.Module, *args, attention: str = 'exact',  # pylint: disable=
     return inter
 
   like = jax.eval_shape(forward, state, traced)
-  result = capture_core.mark_excluded(plan_lib.from_statistics(
-      nnx.state(model, nnx.Param), like, kinds=survey.kinds,
-      module_types=survey.module_types, called=survey.called,
-      layouts=survey.layouts, biases=survey.biases, reasons=survey.reasons),
-                                      excluded)
-  return program_plan.not_empty(result)
+  return sown_program.plan_of(survey, nnx.state(model, nnx.Param), like,
+                              excluded)
 
 
 def _join(path) -> str:

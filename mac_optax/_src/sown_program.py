@@ -155,6 +155,20 @@ def _record(survey: capture_core.Survey, registry: program.Registry,
     survey.reasons[statistics.join(root + statistics.split(leaf))] = reason
 
 
+def plan_of(survey: capture_core.Survey, params: Any, like: Any,
+            excluded: Callable[[str], bool]) -> plan_lib.LayerPlan:
+  """The plan of a capture's abstract pass: its statistics `like`, paired.
+
+  Raises:
+    ValueError: no layer found (MAC would be plain SGD).
+  """
+  return program_plan.not_empty(capture_core.mark_excluded(
+      plan_lib.from_statistics(
+          params, like, kinds=survey.kinds, module_types=survey.module_types,
+          called=survey.called, layouts=survey.layouts,
+          biases=survey.biases, reasons=survey.reasons), excluded))
+
+
 def add_sown(intermediates: dict, placed: list) -> dict:
   """`intermediates` (a nested dict) with each statistic appended at its place.
 
