@@ -51,15 +51,15 @@ _KIND_OF_STAT = {statistics.ATTEND_MEAN: EMBED_ATTEND,
 NO_STATISTICS = """\
 mac: update() received no MAC statistic at all, so no layer could be \
 preconditioned (MAC would silently be plain SGD). The usual causes:
-  1. the forward pass ran outside `mac_optax.linen.capture()` / \
-`mac_optax.nnx.capture()`: enter the capture around the forward pass;
+  1. the forward pass ran outside `mac_optax.linen.capture()` (NNX: call \
+`mac_optax.nnx.capture(model)(x)`): run the forward pass through the capture;
   2. linen `model.apply(..., mutable=[...])` without 'intermediates': pass \
 mutable=['intermediates'] and give v['intermediates'] to update;
   3. the forward function was jitted and traced before the capture was \
 entered (jit reuses a trace that sowed nothing): enter the capture inside \
 the jitted function;
-  4. `nn.scan`/`nn.vmap` without 'intermediates' in variable_axes: add \
-'intermediates': 0 so the statistics of the scanned layers come out."""
+  4. the statistics of another model, or of no layer: build the plan from \
+the same model and pass plan= to mac."""
 
 
 @dataclasses.dataclass(frozen=True)
