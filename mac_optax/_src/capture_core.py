@@ -16,6 +16,7 @@ Written once here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from typing import Any, Callable, Optional, Sequence
@@ -266,6 +267,26 @@ def attention_statistic(where: str, inputs: jax.Array, *,
                                      mode=mode, token_mask=token_mask,
                                      query_counts=counts)
   return stat.astype(mean_inputs.stat_dtype(stat.dtype))
+
+
+# ------------------------------------------------------------------ probing
+
+_PROBING = threading.local()
+
+
+@contextlib.contextmanager
+def probing_on():
+  """Within: SMAC's probes (if in the variables) go on the layers' outputs."""
+  depth = getattr(_PROBING, 'depth', 0)
+  _PROBING.depth = depth + 1
+  try:
+    yield
+  finally:
+    _PROBING.depth = depth
+
+
+def probing() -> bool:
+  return getattr(_PROBING, 'depth', 0) > 0
 
 
 # ------------------------------------------------------------------ survey

@@ -16,7 +16,6 @@ into the model is ``nn.intercept_methods``; no layer class is named here.
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -30,6 +29,8 @@ from mac_optax._src import mean_inputs
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import sown_program
 from mac_optax._src import statistics
+from mac_optax._src.smac import GRAD_SQ
+from mac_optax._src.smac import PROBES
 
 COLLECTION = 'intermediates'
 _OPEN = capture_core.OpenCaptures()
@@ -89,7 +90,8 @@ def _evaluating(root: tuple[str, ...]) -> Iterator[None]:
 
 
 def _call_with_statistics(module: nn.Module, method: str, args, kwargs,
-                          options: capture_core.Options,
+                          options: Optional[capture_core.Options],
+                          probes: Optional[dict],
                           survey: Optional[capture_core.Survey]) -> Any:
   """Evaluates ``module.<method>(*args, **kwargs)`` through the program.
 
@@ -97,7 +99,8 @@ def _call_with_statistics(module: nn.Module, method: str, args, kwargs,
   program's inputs, the same RNG streams and mutable collections), so the
   interpreter sees every layer of the call, whatever code defines it; the
   mutated collections are written back to the module's scope, with each
-  layer's statistic sown at its place (:mod:`sown_program`).
+  layer's statistic sown at its place (:mod:`sown_program`) when a MAC
+  capture is open (`options`), and SMAC's `probes` on the layers' outputs.
   """
   scope = module.scope
   variables = flax.core.unfreeze(module.variables)
@@ -110,11 +113,15 @@ def _call_with_statistics(module: nn.Module, method: str, args, kwargs,
           {**variables, 'params': params}, *args, method=method,
           mutable=scope.mutable, rngs=scope.rngs, **kwargs)
 
-  (out, mutated), placed = sown_program.evaluate(
-      fn, params, args, kwargs, options, root, _OPEN.mask_check(), survey)
+  result, placed = sown_program.evaluate(
+      fn, params, args, kwargs, options or capture_core.Options.checked(
+          'exact', False), root, _OPEN.mask_check(), survey, probes)
+  # `apply` returns the mutated collections only when some are mutable.
+  out, mutated = result if scope.mutable is not False else (result, {})
   mutated = flax.core.unfreeze(mutated)
-  mutated[COLLECTION] = sown_program.add_sown(
-      mutated.get(COLLECTION, {}), placed)
+  if options is not None:
+    mutated[COLLECTION] = sown_program.add_sown(
+        mutated.get(COLLECTION, {}), placed)
   for collection, tree in mutated.items():
     if collection == 'params':
       continue
@@ -123,19 +130,37 @@ def _call_with_statistics(module: nn.Module, method: str, args, kwargs,
   return out
 
 
-def _interceptor(next_fun: Callable, args, kwargs, context, *,
-                 options: capture_core.Options) -> Any:
+def _probes_of(module: nn.Module) -> Optional[dict]:
+  """SMAC's probes in `module`'s variables, by kernel, if SMAC is probing."""
+  if not capture_core.probing():
+    return None
+  tree = module.variables.get(PROBES)
+  if not tree:
+    return None
+  return {statistics.join(path[:-1] + ('kernel',)): leaf
+          for path, leaf in zip(statistics.leaf_paths(tree),
+                                jax.tree_util.tree_leaves(tree))
+          if path[-1:] == (GRAD_SQ,)}
+
+
+def interceptor(next_fun: Callable, args, kwargs, context) -> Any:
+  """The root call of this thread's open captures (MAC's, SMAC's, or both)."""
   module = context.module
   survey = capture_core.current_survey()
   inside = getattr(_EVALUATING, 'root', None)
   if survey is not None:
     survey.module_types['/'.join((inside or ()) + tuple(module.path))] = (
         type(module).__name__)
-  if (inside is not None or module.is_initializing()
-      or not module.is_mutable_collection(COLLECTION)):
+  if inside is not None or module.is_initializing():
+    return next_fun(*args, **kwargs)
+  options = _OPEN.current()
+  if options is not None and not module.is_mutable_collection(COLLECTION):
+    options = None
+  probes = _probes_of(module)
+  if options is None and probes is None:
     return next_fun(*args, **kwargs)
   return _call_with_statistics(module, context.method_name, args, kwargs,
-                               options, survey)
+                               options, probes, survey)
 
 
 @contextlib.contextmanager
@@ -209,7 +234,6 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
   options = capture_core.Options.checked(
       attention, embed_lookup, token_mask, exclude,
       where='mac_optax.linen.capture')
-  interceptor = functools.partial(_interceptor, options=options)
   _OPEN.enter(options)
   try:
     with nn.intercept_methods(interceptor):

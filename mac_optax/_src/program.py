@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from mac_optax._src import attention as attention_lib
 from mac_optax._src import axis_labels
+from mac_optax._src import grad_sq_probe
 from mac_optax._src import mean_inputs
 from mac_optax._src import token_mask as token_mask_lib
 from mac_optax._src.axis_labels import Trail
@@ -82,6 +83,9 @@ class Registry:
   moments: frozenset = frozenset()
   moment_sums: dict[str, tuple] = dataclasses.field(default_factory=dict)
   top_level: int = -1
+  # SMAC's zero probes by layer key: each such layer's output goes through
+  # the probe (its cotangent's E_rows[g²] becomes the probe's gradient).
+  probes: Optional[dict[str, Any]] = None
 
   def pass_leaf(self, leaf: int, reason: str) -> None:
     self.reasons.setdefault(leaf, reason)
@@ -465,6 +469,7 @@ def _dot_general(ctx, level, eqn, values, trails):
       if a in contract or a in batch:
         continue
       out_axes.append(trail.axes[a] if side == k else (('x', a),))
+  out = _probed(registry, key, out, out_axes)
   return [out], [_output_trail(level, key, out_axes)], {}
 
 
@@ -494,6 +499,32 @@ def _conv_patches(x, p, kernel_size, groups):
   channels = x.shape[-1]
   patches = patches.reshape(-1, groups, channels // groups, *kernel_size)
   return jnp.moveaxis(patches, 2, -1).reshape(patches.shape[0], groups, -1)
+
+
+def _probed(registry: Registry, key: str, out, out_axes):
+  """`out` through SMAC's probe, if the layer `key` has one.
+
+  Raises:
+    ValueError: the layer is stacked (inside ``scan``) or its output does
+      not hold each output axis of its kernel as one axis.
+  """
+  if registry.probes is None or key not in registry.probes:
+    return out
+  layout = registry.found[key].layout
+  kernel_axes = []
+  for labels in out_axes:
+    params = [lab for lab in labels if lab[0] == 'p']
+    whole = len(params) == 1 and len(params[0]) == 2
+    kernel_axes.append(params[0][1] if whole else None)
+  try:
+    if layout.stack:
+      raise ValueError('it is stacked (inside scan)')
+    spec = grad_sq_probe.spec(layout, kernel_axes)
+  except ValueError as e:
+    raise ValueError(f"smac: layer '{key}' cannot be probed: {e}. Build "
+                     'the probes with mac_optax.smac.probes_like, which '
+                     'leaves such layers out.') from None
+  return grad_sq_probe.probe(out, registry.probes[key], spec)
 
 
 def _output_trail(level: _Level, key: str, axes) -> Trail:
@@ -562,6 +593,7 @@ def _conv(ctx, level, eqn, values, trails):
   out_spec = tuple(dn.out_spec)
   out_axes = [()] * out.ndim
   out_axes[out_spec[1]] = rhs_t.axes[rhs_spec[0]]
+  out = _probed(registry, key, out, out_axes)
   return [out], [_output_trail(level, key, out_axes)], {}
 
 

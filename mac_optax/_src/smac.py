@@ -10,22 +10,25 @@ update of a layer is then, with ``Ĝ`` laid out ``(d_in [+1], d_out)``::
 output columns, so it commutes with ``A⁻¹``: :func:`scale_by_grad_sq` is a
 separate transform chained with :func:`mac_optax.mac`.
 
-Layers: SMAC follows MAC's layer model. ``nn.Dense``, ``nn.DenseGeneral``,
-``nn.Einsum`` and ``nn.Conv`` get a probe; a batched layer (``DenseGeneral``
-with ``batch_dims``, an ``Einsum`` with batch letters) is one layer per batch
-index, so ``ẑ`` and ``Z`` have one entry per batch index and output unit (the
-heads of a batched projection do not share a scale). Layers without a probe
-keep ``Z = 1`` (MAC alone): ``nn.Embed`` (``attend`` and lookups), layers
-sown by hand (``sow_mean``, ``sow_attention``) and NNX models (the probes are
-linen only); :func:`unscaled_layers` lists them for a plan. An einsum whose bias runs over its output axes in another order
-than the kernel's raises.
+Layers: SMAC follows MAC's layer model, found in the traced program: every
+layer of the plan whose kernel is a ``kernel`` parameter (with its sibling
+``bias``) gets a probe, whatever class applies it (``nn.Dense``,
+``nn.DenseGeneral``, ``nn.Einsum``, ``nn.Conv``, a module's own
+``jnp.einsum``); a batched layer is one layer per batch index, so ``ẑ`` and
+``Z`` have one entry per batch index and output unit (the heads of a batched
+projection do not share a scale). Layers without a probe keep ``Z = 1`` (MAC
+alone): embedding tables (``attend`` and lookups), kernels of other names,
+layers sown by hand, layers stacked by a ``scan``, and NNX models (the
+probes are linen only); :func:`unscaled_layers` lists them for a plan. An
+einsum whose bias runs over its output axes in another order than the
+kernel's raises.
 
 Getting ``E_rows[g²]`` in JAX without materializing ``g``: inside
 :func:`capture`, the output ``y`` of every supported layer goes through a custom-VJP identity ``y ↦ y + 0·probe`` whose
 backward pass returns the cotangent ``g`` unchanged to the layer and
 ``mean_rows(g²)`` (float32, shape of the output units) as the cotangent of
-``probe``. ``probe`` is a zero variable in the ``'mac_probes'`` collection,
-created by Flax's public ``Module.perturb``; differentiate the loss with
+``probe``. ``probe`` is a zero array in the ``'mac_probes'`` collection, laid out by
+:func:`mac_optax.smac.probes_like`; differentiate the loss with
 respect to the probes as well as the parameters and the probes' gradients
 are the statistics. ``g`` is the cotangent of the differentiated loss, so
 with a mean loss the per-example gradients carry the ``1/B`` of the mean, as
@@ -35,8 +38,6 @@ Cost: per layer and step, one elementwise square and one reduction of the
 output cotangent in the backward pass (as much as a bias gradient), one
 ``d_out`` vector of probes and its gradient; state: one ``d_out`` EMA per
 layer. A layer called several times gets the sum of its calls' statistics.
-Layers inside ``nn.scan`` need ``'mac_probes'`` in the scan's
-``variable_axes``.
 
 Differences from the reference kept on purpose: the EMA is bias-corrected
 with the number of statistics folded into it (the reference's counter

@@ -101,7 +101,8 @@ def place(registry: program.Registry, found: program.Found) -> Sown:
 
 def evaluate(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict,
              options: capture_core.Options, root: Path, mask_check: Any,
-             survey: Optional[capture_core.Survey]
+             survey: Optional[capture_core.Survey],
+             probes: Optional[dict] = None
              ) -> tuple[Any, list[tuple[Sown, Any]]]:
   """Runs ``fn(params, *args, **kwargs)`` through the program interpreter.
 
@@ -114,6 +115,7 @@ def evaluate(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict,
     root: the module's path in the model (for `exclude` and the survey).
     mask_check: the open capture's token-mask check, or None.
     survey: the plan's survey, or None.
+    probes: SMAC's zero probes by kernel path (relative), or None.
 
   Returns:
     ``fn``'s output, and each found layer's place with its statistic.
@@ -125,6 +127,7 @@ def evaluate(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict,
       options.embed_lookup, options.attention)
   registry.token_mask = options.token_mask
   registry.mask_check = mask_check
+  registry.probes = probes
   out, stats = program.run(fn, registry, params, args, kwargs)
   placed = []
   for found in registry.layers():
