@@ -120,6 +120,22 @@ def test_dense_layer_on_tokens():
   assert moment.rows == 12
 
 
+@pytest.mark.parametrize('name', sorted(CONVS))
+def test_layer_inputs_and_batch_sums_of_a_lone_layer(name):
+  layer, shape, kernel, stride, pads, groups = CONVS[name]
+  x = _data(shape, seed=4)
+  naive = _naive_patches(x, kernel, stride, pads, groups)   # [rows, G, d]
+  np.testing.assert_allclose(first_layer.layer_inputs(layer, x), naive,
+                             rtol=1e-5, atol=1e-5)
+  total, rows = first_layer.batch_second_moment_sum(layer, x, True)
+  np.testing.assert_allclose(total / rows, _naive_moment(naive, True),
+                             rtol=1e-5, atol=1e-5)
+  tokens = _data((2, 3, 6), seed=5)
+  np.testing.assert_allclose(
+      first_layer.layer_inputs(nn.DenseGeneral((2, 2), axis=(-2, -1)),
+                               tokens), tokens.reshape(2, 1, 18), rtol=1e-6)
+
+
 def test_a_layer_of_its_own_code_stored_out_in():
   class OwnCode(nn.Module):
     @nn.compact

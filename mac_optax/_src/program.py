@@ -82,6 +82,8 @@ class Registry:
   # `(Σ a aᵀ [G, d, d], Σ a [G, d], rows)` over this call's rows.
   moments: frozenset = frozenset()
   moment_sums: dict[str, tuple] = dataclasses.field(default_factory=dict)
+  moment_rows: dict[str, list] = dataclasses.field(default_factory=dict)
+  keep_rows: bool = False        # also keep the rows a (`layer_inputs`)
   top_level: int = -1
   # SMAC's zero probes by layer key: each such layer's output goes through
   # the probe (its cotangent's E_rows[g²] becomes the probe's gradient).
@@ -477,6 +479,8 @@ def _add_moment(registry: Registry, level: _Level, key: str, a) -> None:
   """Adds ``Σ a aᵀ`` of rows ``a`` ``[rows, G, d]`` if `key`'s is wanted."""
   if key not in registry.moments or level.id != registry.top_level:
     return
+  if registry.keep_rows:
+    registry.moment_rows.setdefault(key, []).append(a)
   a = jax.lax.stop_gradient(a).astype(jnp.float32)
   sums = (jnp.einsum('rgi,rgj->gij', a, a, precision=_HIGHEST),
           jnp.sum(a, axis=0), jnp.asarray(a.shape[0], jnp.float32))

@@ -33,7 +33,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 import flax.linen as nn
@@ -43,7 +42,6 @@ import numpy as np
 
 from mac_optax._src import program
 from mac_optax._src import program_plan
-from mac_optax._src.conv_geometry import ConvGeometry
 from mac_optax._src.exact import path_key as _path_key
 
 _COLLECTION = 'mac_second_moment'
@@ -60,78 +58,74 @@ class SecondMoment(NamedTuple):
 
 # ------------------------------------------------------------------ inputs --
 
-def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """``[rows, G, d_in]`` im2col patches of a linen ``nn.Conv`` input.
+def _rows_of(module: nn.Module, x: jax.Array, keep_rows: bool
+             ) -> tuple[program.Registry, str]:
+  """`module` applied to `x` by the interpreter, its own layer's rows wanted.
 
-  Each group's patch is in the ``(*kernel_size, C/G)`` order of a Flax kernel.
+  The module's own kernel (``kernel``, or its only parameter of rank ≥ 2)
+  is the layer; the parameters' values do not change its input, so the
+  module runs on zeros of their shapes.
   """
-  geometry = ConvGeometry.of(module)
-  n = len(geometry.kernel_size)
-  if x.ndim == n + 1:  # unbatched input
-    x = x[None]
-  x = x.reshape((-1,) + x.shape[x.ndim - n - 1:])
-  x, padding = geometry.resolve(x)
-  channels, groups = x.shape[-1], geometry.groups
-  patches = jax.lax.conv_general_dilated_patches(
-      jnp.moveaxis(x, -1, 1), geometry.kernel_size, geometry.strides,
-      padding, lhs_dilation=geometry.input_dilation,
-      rhs_dilation=geometry.kernel_dilation)
-  # [N, C·prod(k), *out] with C major -> [N·prod(out), G, *k, C/G].
-  patches = jnp.moveaxis(patches, 1, -1)
-  patches = patches.reshape(-1, groups, channels // groups,
-                            *geometry.kernel_size)
-  patches = jnp.moveaxis(patches, 2, -1)
-  return patches.reshape(patches.shape[0], groups, -1)
-
-
-def _dense_rows(x: jax.Array, axis) -> jax.Array:
-  """``[rows, 1, d_in]`` inputs of a Dense/DenseGeneral (contracted axes last)."""
-  axis = tuple(sorted(a % x.ndim for a in axis))
-  x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-  d_in = math.prod(x.shape[x.ndim - len(axis):])
-  return x.reshape(-1, 1, d_in)
+  module = module.clone(parent=None)
+  shapes = jax.eval_shape(module.init, jax.random.key(0), x)['params']
+  params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                  shapes)
+  registry = program_plan.new_registry(params, (), False)
+  kernels = [n for n, s in zip(registry.leaf_names, registry.leaf_shapes)
+             if n == 'kernel' or len(s) >= 2]
+  kernel = 'kernel' if 'kernel' in kernels else (
+      kernels[0] if len(kernels) == 1 else None)
+  registry.moments = frozenset({kernel})
+  registry.keep_rows = keep_rows
+  program.run(lambda p, x: module.apply({'params': p}, x), registry, params,
+              (jax.lax.stop_gradient(x),), {})
+  if kernel not in registry.moment_sums:
+    raise ValueError(
+        f'mac: exact preconditioning needs a layer whose kernel reaches a '
+        f'matrix product or a convolution; {type(module).__name__} has the '
+        f'parameters {list(registry.leaf_names)}.')
+  return registry, kernel
 
 
 def layer_inputs(module: nn.Module, x: jax.Array) -> jax.Array:
   """The ``[rows, G, d_in]`` input vectors ``a`` a layer's kernel sees.
 
+  The layer is found in the module's traced program, as MAC finds layers.
+
   Args:
-    module: a bound or unbound ``nn.Dense``, ``nn.DenseGeneral`` or
-      ``nn.Conv`` (any rank, padding, strides, dilations, groups).
+    module: a bound or unbound linen layer (``nn.Dense``,
+      ``nn.DenseGeneral``, ``nn.Conv`` of any rank, padding, strides,
+      dilations and groups, or a module of its own with one kernel).
     x: the layer's input.
 
   Returns:
     One row per batch element and output position (im2col patches for a
-    convolution, tokens for a Dense), ``G`` column groups (``G = 1`` except
-    for grouped convolutions), ``d_in`` in the kernel's input order.
+    convolution, tokens for a Dense), ``G`` groups (one per kernel batch
+    index or convolution group), ``d_in`` in the kernel's input order.
 
   Raises:
-    ValueError: the module is not a supported layer.
+    ValueError: the module applies no kernel to `x`.
   """
-  if isinstance(module, nn.DenseGeneral):
-    if module.batch_dims:
-      raise ValueError('mac: exact preconditioning does not support '
-                       'DenseGeneral with batch_dims.')
-    axis = (module.axis,) if isinstance(module.axis, int) else module.axis
-    return _dense_rows(x, axis)
-  if isinstance(module, nn.Dense):
-    return _dense_rows(x, (-1,))
-  if isinstance(module, nn.Conv):
-    return _conv_patches(module, x)
-  raise ValueError(
-      f'mac: exact preconditioning supports nn.Dense, nn.DenseGeneral and '
-      f'nn.Conv layers, got {type(module).__name__}.')
+  registry, kernel = _rows_of(module, x, keep_rows=True)
+  return jnp.concatenate(registry.moment_rows[kernel], axis=0)
 
 
 def batch_second_moment_sum(module: nn.Module, x: jax.Array,
                             has_bias: bool) -> tuple[jax.Array, jax.Array]:
   """``(Σ_rows a aᵀ [G, d, d], rows)`` of one batch, float32, jit-safe."""
-  a = layer_inputs(module, jax.lax.stop_gradient(x)).astype(jnp.float32)
+  registry, kernel = _rows_of(module, x, keep_rows=False)
+  aa, a, rows = registry.moment_sums[kernel]
   if has_bias:
-    a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-  total = jnp.einsum('rgi,rgj->gij', a, a,
-                     precision=jax.lax.Precision.HIGHEST)
-  return total, jnp.asarray(a.shape[0], jnp.int32)
+    aa = _with_bias(aa, a, rows)
+  return aa, rows.astype(jnp.int32)
+
+
+def _with_bias(aa, a, rows):
+  """``Σ ã ãᵀ`` of ``ã = (a, 1)`` from ``Σ a aᵀ``, ``Σ a`` and the rows."""
+  top = jnp.concatenate([aa, a[..., :, None]], axis=-1)
+  bottom = jnp.concatenate(
+      [a, jnp.broadcast_to(rows, a.shape[:-1])[..., None]], axis=-1)
+  return jnp.concatenate([top, bottom[..., None, :]], axis=-2)
 
 
 # ----------------------------------------------------------- second moment --
@@ -216,10 +210,7 @@ def input_second_moment(
     found['bias'] = registry.found[kernel].bias_leaf is not None
     aa, a, rows = registry.moment_sums[kernel]
     if found['bias']:   # the bias is the input's trailing constant 1
-      top = jnp.concatenate([aa, a[..., :, None]], axis=-1)
-      bottom = jnp.concatenate([a, jnp.broadcast_to(rows, a.shape[:-1])[
-          ..., None]], axis=-1)[..., None, :]
-      aa = jnp.concatenate([top, bottom], axis=-2)
+      aa = _with_bias(aa, a, rows)
     return aa, rows
 
   iterator = iter(batches)
