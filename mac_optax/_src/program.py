@@ -34,6 +34,7 @@ from mac_optax._src import attention as attention_lib
 from mac_optax._src import axis_labels
 from mac_optax._src import grad_sq_probe
 from mac_optax._src import mean_inputs
+from mac_optax._src import statistics
 from mac_optax._src import token_mask as token_mask_lib
 from mac_optax._src.axis_labels import Trail
 from mac_optax._src.layout import KernelLayout
@@ -88,6 +89,40 @@ class Registry:
   # SMAC's zero probes by layer key: each such layer's output goes through
   # the probe (its cotangent's E_rows[g²] becomes the probe's gradient).
   probes: Optional[dict[str, Any]] = None
+
+  @classmethod
+  def of(cls, params, exclude: Any = (), embed_lookup: bool = False,
+         attention: str = attention_lib.EXACT) -> Registry:
+    """A registry for `params` (arrays or shapes).
+
+    Args:
+      params: the parameter pytree.
+      exclude: kernel paths (or prefixes) not to treat as layers, or a
+        predicate on a kernel's path.
+      embed_lookup: register table lookups as layers.
+      attention: the value statistic ('exact', 'product_of_means', 'plain').
+
+    Raises:
+      TypeError: a leaf of `params` is not an array.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    index = statistics.leaf_paths(params)
+    names = [''] * len(index)
+    for path, i in index.items():
+      names[i] = statistics.join(path)
+    for name, leaf in zip(names, leaves):
+      if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype'):
+        raise TypeError(
+            f"mac: parameter '{name}' is a {type(leaf).__name__}, not an "
+            'array. Pass only the arrays as `params` (Equinox: '
+            '`params, static = eqx.partition(model, eqx.is_array)` and '
+            '`fn = lambda p, x: eqx.combine(p, static)(x)`).')
+    if not callable(exclude):
+      prefixes = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+      exclude = lambda path: any(path == p or path.startswith(p + '/')
+                                 for p in prefixes)
+    return cls(tuple(names), tuple(tuple(x.shape) for x in leaves),
+               exclude, bool(embed_lookup), attention)
 
   def pass_leaf(self, leaf: int, reason: str) -> None:
     self.reasons.setdefault(leaf, reason)

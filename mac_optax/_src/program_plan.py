@@ -13,9 +13,7 @@ import dataclasses
 from typing import Any, Callable, Sequence, Union
 
 import jax
-import numpy as np
 
-from mac_optax._src import attention as attention_lib
 from mac_optax._src import capture_core
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import program
@@ -23,42 +21,6 @@ from mac_optax._src import statistics
 from mac_optax._src import token_mask as token_mask_lib
 
 Exclude = Union[Sequence[str], Callable[[str], bool]]
-
-
-def _leaf_names(params) -> tuple[str, ...]:
-  index = statistics.leaf_paths(params)
-  names = [''] * len(index)
-  for path, i in index.items():
-    names[i] = statistics.join(path)
-  return tuple(names)
-
-
-def _excluder(exclude: Exclude) -> Callable[[str], bool]:
-  if callable(exclude):
-    return exclude
-  if isinstance(exclude, str):
-    exclude = (exclude,)
-  prefixes = tuple(exclude)
-  return lambda path: any(path == p or path.startswith(p + '/')
-                          for p in prefixes)
-
-
-def new_registry(params, exclude: Exclude, embed_lookup: bool,
-              attention: str = attention_lib.EXACT) -> program.Registry:
-  leaves = jax.tree_util.tree_leaves(params)
-  names = _leaf_names(params)
-  for name, leaf in zip(names, leaves):
-    if not hasattr(leaf, 'shape') or not hasattr(leaf, 'dtype'):
-      raise TypeError(
-          f"mac: parameter '{name}' is a {type(leaf).__name__}, not an "
-          'array. Pass only the arrays as `params` (Equinox: '
-          '`params, static = eqx.partition(model, eqx.is_array)` and '
-          '`fn = lambda p, x: eqx.combine(p, static)(x)`).')
-  return program.Registry(
-      leaf_names=names,
-      leaf_shapes=tuple(tuple(np.shape(x)) for x in leaves),
-      exclude=_excluder(exclude), embed_lookup=bool(embed_lookup),
-      attention=attention)
 
 
 def default_reason(shape) -> str:
@@ -154,7 +116,7 @@ def plan(fn: Callable[..., Any], params: Any, *args: Any,
     >>> plan.keys
     ('w',)
   """
-  registry = new_registry(params, exclude, embed_lookup)
+  registry = program.Registry.of(params, exclude, embed_lookup)
   _, stats = jax.eval_shape(
       lambda p, a, k: program.run(fn, registry, p, a, k), params, args,
       kwargs)
@@ -189,7 +151,7 @@ def checked_capture_plan(result: plan_lib.LayerPlan, fn: Callable[..., Any],
   Raises:
     ValueError: the capture found no layer (MAC would be plain SGD).
   """
-  registry = new_registry(params, (), False)
+  registry = program.Registry.of(params, (), False)
   try:
     jax.eval_shape(lambda p, a, k: program.run(fn, registry, p, a, k),
                    params, args, kwargs)
@@ -287,7 +249,7 @@ def with_statistics(fn: Callable[..., Any], plan: plan_lib.LayerPlan, *,
   exclude, embed_lookup = plan.program_options
 
   def wrapped(params, *args, **kwargs):
-    registry = new_registry(params, exclude, embed_lookup)
+    registry = program.Registry.of(params, exclude, embed_lookup)
     registry.token_mask = token_mask_lib.checked(token_mask)
     if registry.token_mask is not None:
       registry.mask_check = token_mask_lib.MaskCheck(registry.token_mask,

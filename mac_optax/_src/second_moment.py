@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mac_optax._src import program
-from mac_optax._src import program_plan
 from mac_optax._src.exact import path_key as _path_key
 
 _COLLECTION = 'mac_second_moment'
@@ -70,7 +69,7 @@ def _rows_of(module: nn.Module, x: jax.Array, keep_rows: bool
   shapes = jax.eval_shape(module.init, jax.random.key(0), x)['params']
   params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                   shapes)
-  registry = program_plan.new_registry(params, (), False)
+  registry = program.Registry.of(params, (), False)
   kernels = [n for n, s in zip(registry.leaf_names, registry.leaf_shapes)
              if n == 'kernel' or len(s) >= 2]
   kernel = 'kernel' if 'kernel' in kernels else (
@@ -186,7 +185,7 @@ def input_second_moment(
   key = _path_key(path)
   params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
   apply_kwargs = dict(apply_kwargs or {})
-  registry = program_plan.new_registry(params, (), False)
+  registry = program.Registry.of(params, (), False)
   names = set(registry.leaf_names)
   # The layer at `path`: the module's `kernel`, or the parameter itself.
   kernel = next((k for k in ('/'.join(filter(None, (key, 'kernel'))), key)
@@ -195,7 +194,7 @@ def input_second_moment(
 
   @jax.jit
   def batch_sum(variables, x):
-    registry = program_plan.new_registry(variables['params'], (), False)
+    registry = program.Registry.of(variables['params'], (), False)
     registry.moments = frozenset({kernel})
     fn = lambda p, x: model.apply({**variables, 'params': p}, x,
                                   **apply_kwargs)

@@ -120,7 +120,7 @@ def evaluate(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict,
   Returns:
     ``fn``'s output, and each found layer's place with its statistic.
   """
-  registry = program_plan.new_registry(
+  registry = program.Registry.of(
       params,
       lambda leaf: options.exclude(
           statistics.join(root + statistics.split(leaf)[:-1])),
