@@ -235,3 +235,40 @@ def test_excluding_an_attention_projection_keeps_the_others():
   with pytest.raises(ValueError, match=r"\['attn/value'\].*exclude="):
     full.update(params, full.init(params), params,
                 intermediates=v['intermediates'])
+
+
+class _Stateful(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(6)(x)
+    h = nn.BatchNorm(use_running_average=False)(h)
+    h = nn.Dropout(0.5, deterministic=False)(h)
+    self.sow('intermediates', 'hidden', h)
+    return nn.Dense(2)(h)
+
+
+def test_the_capture_applies_the_same_rngs_and_collections():
+  # The capture re-applies the model with its scope's `rngs` and `mutable`
+  # (attributes of flax.core.Scope): outputs, dropout masks, batch
+  # statistics and the model's own sown values are those of the plain call.
+  model = _Stateful()
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  variables = model.init({'params': jax.random.key(1),
+                          'dropout': jax.random.key(2)}, x)
+  run = lambda: model.apply(variables, x, rngs={'dropout': jax.random.key(3)},
+                            mutable=['batch_stats', 'intermediates'])
+  plain_out, plain = run()
+  with mac_linen.capture():
+    out, captured = run()
+  np.testing.assert_array_equal(out, plain_out)
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         captured['batch_stats'], plain['batch_stats'])
+  np.testing.assert_array_equal(captured['intermediates']['hidden'][0],
+                                plain['intermediates']['hidden'][0])
+  assert set(captured['intermediates']) == {'hidden', 'Dense_0', 'Dense_1'}
+  scope = model.bind(variables, mutable=['batch_stats'],
+                     rngs={'dropout': jax.random.key(3)}).scope
+  assert scope.mutable == ['batch_stats'] and 'dropout' in scope.rngs, (
+      'flax.core.Scope no longer has `mutable`/`rngs` as mac_optax.linen.'
+      'capture reads them (capture_linen._call_with_statistics): update it.')

@@ -137,9 +137,9 @@ def _probes_of(module: nn.Module) -> Optional[dict]:
   tree = module.variables.get(PROBES)
   if not tree:
     return None
-  return {statistics.join(path[:-1] + ('kernel',)): leaf
-          for path, leaf in zip(statistics.leaf_paths(tree),
-                                jax.tree_util.tree_leaves(tree))
+  leaves = jax.tree_util.tree_leaves(tree)
+  return {statistics.join(path[:-1] + ('kernel',)): leaves[i]
+          for path, i in statistics.leaf_paths(tree).items()
           if path[-1:] == (GRAD_SQ,)}
 
 

@@ -132,8 +132,7 @@ def evaluate(fn: Callable[..., Any], params: Any, args: tuple, kwargs: dict,
   placed = []
   for found in registry.layers():
     if found.key in stats:
-      sown = place(registry, found)
-      placed.append((sown, stats[found.key].reshape(sown.layout.stat_shape)))
+      placed.append((place(registry, found), stats[found.key]))
   if survey is not None:
     _record(survey, registry, placed, root)
   # The intermediates are keyed like the parameters (NNX lists: integers).
