@@ -198,23 +198,6 @@ def sow_mean(module: nnx.Module, mean: jax.Array, *,
              mean.astype(mean_inputs.stat_dtype(mean.dtype)))
 
 
-def _module_excluder(exclude: Any) -> Callable[[nnx.Module], bool]:
-  """``exclude=`` of the NNX capture as a predicate on modules."""
-  if isinstance(exclude, nnx.Module):   # modules are callable too
-    exclude = [exclude]
-  if exclude is None or callable(exclude):
-    return exclude
-  if not isinstance(exclude, (list, tuple)) or not all(
-      isinstance(m, nnx.Module) for m in exclude):
-    raise TypeError(
-        'mac: mac_optax.nnx.capture(exclude=...) takes modules '
-        '([model.mix]) or a predicate module -> bool (NNX calls do not know '
-        f'their paths), got {exclude!r}.')
-  ids = {id(node) for m in exclude for _, node in nnx.iter_graph(m)
-         if isinstance(node, nnx.Module)}
-  return lambda module: id(module) in ids
-
-
 def sow_attention(projection: nnx.Module, inputs: jax.Array, *,
                   probs: Optional[jax.Array] = None,
                   weights: Optional[jax.Array] = None,
@@ -319,14 +302,22 @@ def _join(path) -> str:
 
 def _excluded_paths(model: nnx.Module, exclude: Any
                     ) -> Callable[[str], bool]:
-  """``exclude=`` (paths, a predicate on paths, or modules) on paths."""
-  if isinstance(exclude, nnx.Module) or (
-      isinstance(exclude, (list, tuple))
-      and any(isinstance(m, nnx.Module) for m in exclude)):
-    chosen = _module_excluder(exclude)
-    paths = [_join(p) for p, node in nnx.iter_graph(model)
-             if isinstance(node, nnx.Module) and chosen(node)]
-    return capture_core.excluder(paths)
+  """``exclude=`` (paths, a predicate on paths, or modules) on paths.
+
+  Raises:
+    TypeError: a list mixing modules and paths, or anything else.
+  """
+  if isinstance(exclude, nnx.Module):   # modules are callable too
+    exclude = [exclude]
+  if isinstance(exclude, (list, tuple)) and any(
+      isinstance(m, nnx.Module) for m in exclude):
+    if not all(isinstance(m, nnx.Module) for m in exclude):
+      raise TypeError('mac: exclude= takes module paths, the modules '
+                      f'themselves or a predicate on paths, got {exclude!r}.')
+    ids = {id(node) for m in exclude for _, node in nnx.iter_graph(m)
+           if isinstance(node, nnx.Module)}
+    exclude = [_join(p) for p, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Module) and id(node) in ids]
   return capture_core.excluder(exclude)
 
 
