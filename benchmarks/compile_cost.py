@@ -284,8 +284,7 @@ def main(argv=None):
     if not args.no_write:
       report.write_in_place(
           RESULTS, BEGIN, END, text, result.get('machine') or run.machine(),
-          '; interleaving keeps the ratios comparable, the seconds are '
-          'inflated by the load.')
+          report.interleaved_note('seconds'))
     return result
   machine = run.machine()
   names = args.only or list(bench_models(args.quick))
@@ -317,8 +316,7 @@ def main(argv=None):
   if not args.no_write:
     report.write_in_place(
         RESULTS, BEGIN, END, text, machine,
-        '; interleaving keeps the ratios comparable, the seconds are '
-        'inflated by the load.')
+        report.interleaved_note('seconds'))
   return result
 
 

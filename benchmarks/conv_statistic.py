@@ -233,8 +233,7 @@ def write_section(path: str, result: dict) -> None:
   """Puts the run's section into RESULTS.md, replacing an earlier one."""
   report.write_in_place(
       path, BEGIN, END, markdown(result), result['machine'],
-      '; interleaving keeps the ratios comparable, the milliseconds are '
-      'inflated by the load.')
+      report.interleaved_note('milliseconds'))
 
 
 def main(argv=None):

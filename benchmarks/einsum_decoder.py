@@ -99,5 +99,4 @@ def write_section(path: str, result: dict, machine: dict) -> None:
   """
   report.write_in_place(
       path, BEGIN, END, markdown(result), machine,
-      '; interleaving keeps the ratios comparable, the milliseconds are '
-      'inflated by the load.')
+      report.interleaved_note('milliseconds'))

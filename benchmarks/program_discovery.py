@@ -180,8 +180,7 @@ def main(argv=None):
   if not args.no_write:
     report.write_in_place(
         RESULTS, BEGIN, END, text, machine,
-        '; interleaving keeps the ratios comparable, the seconds are '
-        'inflated by the load.')
+        report.interleaved_note('seconds'))
   return result
 
 

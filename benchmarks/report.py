@@ -753,6 +753,12 @@ def write(out: dict, outdir: str):
     f.write(text)
 
 
+def interleaved_note(unit: str) -> str:
+  """The machine line's ending for ratios of interleaved repeats."""
+  return (f'; interleaving keeps the ratios comparable, the {unit} are '
+          'inflated by the load.')
+
+
 def write_in_place(path: str, begin: str, end: str, body: str, machine: dict,
                    load_note: str) -> None:
   """Writes a run's own section into RESULTS.md, replacing an earlier one.

@@ -232,3 +232,32 @@ def test_optax_transform_and_plan_import_without_flax():
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+class _NoLayer(nn.Module):
+  """Parameters used elementwise only: no layer for MAC."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm()(x) * self.param('gate', nn.initializers.ones,
+                                          (x.shape[-1],))
+
+
+class _NnxNoLayer(nnx.Module):
+
+  def __init__(self, rngs):
+    self.norm = nnx.LayerNorm(4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.norm(x)
+
+
+def test_a_capture_plan_without_a_layer_raises_with_every_reason():
+  x = jnp.ones((2, 4))
+  model = _NoLayer()
+  with pytest.raises(ValueError, match='no layer found') as e:
+    mac_linen.plan(model, model.init(jax.random.key(0), x), x)
+  assert 'gate' in str(e.value) and 'LayerNorm_0/scale' in str(e.value)
+  with pytest.raises(ValueError, match='no layer found') as e:
+    mac_nnx.plan(_NnxNoLayer(nnx.Rngs(0)), x)
+  assert 'norm/scale' in str(e.value)

@@ -12,6 +12,7 @@ from mac_optax import linen as mac_linen
 from mac_optax import smac
 from tests.test_first_layer import _naive_patches
 from tests.test_first_layer import init_params
+from tests.test_nnx_capture import TiedLMLinen
 
 DAMPING, DAMPING_Z, BETA = 0.7, 0.05, 0.8
 
@@ -256,21 +257,13 @@ def test_einsum_bias_in_another_order_than_the_kernel_raises():
     smac.probes_like(layer, {'params': params}, x)
 
 
-class _Tied(nn.Module):
-
-  @nn.compact
-  def __call__(self, tokens):
-    embed = nn.Embed(7, 4, name='embed')
-    return embed.attend(nn.Dense(4, name='dense')(embed(tokens)))
-
-
 def test_unscaled_layers_names_what_smac_leaves_to_mac_alone():
   tokens = jnp.array([[1, 2, 3]])
-  model = _Tied()
+  model = TiedLMLinen()
   params = init_params(model, tokens)
   plan = mac_linen.plan(model, {'params': params}, tokens)
   probes = smac.probes_like(model, {'params': params}, tokens)
-  assert set(plan.keys) == {'dense', 'embed'}
+  assert set(plan.keys) == {'hidden', 'embed'}
   assert smac.unscaled_layers(plan, probes) == ('embed',)
   x = BATCHES[0][0]
   net = Net()

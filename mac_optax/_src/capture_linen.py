@@ -217,8 +217,8 @@ def capture(*, attention: str = 'exact',  # pylint: disable=redefined-outer-name
     exclude: layers not to capture, passed through unchanged: a module
       path (``'Block_0/mix'``; a path excludes everything below it too), a
       list of paths, or a predicate ``path -> bool``. Give the plan the
-      same ``exclude``. For layers MAC cannot model (an einsum whose kernel
-      axis is summed away) or should not touch.
+      same ``exclude``. For layers MAC should not touch (one it cannot
+      model is passed through anyway, with the reason).
 
   Raises:
     ValueError: a capture is already open in this thread (nested captures

@@ -263,6 +263,18 @@ def _pass_reason(path: statistics.Path, module_types: Mapping[str, str],
   return f'{leaf}: not a layer kernel' + (f' ({kind})' if kind else '')
 
 
+def _bias_of(path: statistics.Path, name: str,
+             recorded: Optional[str]) -> Optional[statistics.Path]:
+  """The bias a statistic's layer takes if the parameter exists, or None.
+
+  ``path/bias`` for the names with a bias row; for a ``PROGRAM`` statistic
+  the bias the capture recorded (`recorded`).
+  """
+  if name == statistics.PROGRAM:
+    return statistics.split(recorded) if recorded else None
+  return path + ('bias',) if name in statistics.WITH_BIAS else None
+
+
 def from_statistics(
     params: Any,
     intermediates: Any,
@@ -316,11 +328,8 @@ def from_statistics(
       continue   # sow_attention's statistic replaces the capture's
     key = statistics.join(path)
     kernel_path = statistics.kernel_of(path, name)
-    program_bias = biases.get(key)
-    bias_path = (path + ('bias',) if name != statistics.PROGRAM else
-                 statistics.split(program_bias) if program_bias else None)
-    if bias_path is not None and (name in statistics.WITH_BIAS
-                                  or name == statistics.PROGRAM):
+    bias_path = _bias_of(path, name, biases.get(key))
+    if bias_path is not None:
       check_masked_together(key, kernel_path, bias_path, index, masked)
     if kernel_path not in index:
       if skip_missing_params:
@@ -329,8 +338,7 @@ def from_statistics(
           f"mac: a statistic '{name}' was sown at '{key}' but there is no "
           f"parameter '{statistics.join(kernel_path)}': statistics must be "
           'sown by the module that owns the parameter.')
-    has_bias = (name in statistics.WITH_BIAS or name == statistics.PROGRAM
-                ) and bias_path in index
+    has_bias = bias_path is not None and bias_path in index
     layout = _layer_layout(
         key, name, calls, _shape(leaves[index[kernel_path]]),
         _shape(leaves[index[bias_path]]) if has_bias else None, layouts)

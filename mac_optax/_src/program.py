@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from mac_optax._src import attention as attention_lib
 from mac_optax._src import axis_labels
+from mac_optax._src import capture_core
 from mac_optax._src import grad_sq_probe
 from mac_optax._src import mean_inputs
 from mac_optax._src import statistics
@@ -117,12 +118,8 @@ class Registry:
             'array. Pass only the arrays as `params` (Equinox: '
             '`params, static = eqx.partition(model, eqx.is_array)` and '
             '`fn = lambda p, x: eqx.combine(p, static)(x)`).')
-    if not callable(exclude):
-      prefixes = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-      exclude = lambda path: any(path == p or path.startswith(p + '/')
-                                 for p in prefixes)
     return cls(tuple(names), tuple(tuple(x.shape) for x in leaves),
-               exclude, bool(embed_lookup), attention)
+               capture_core.excluder(exclude), bool(embed_lookup), attention)
 
   def pass_leaf(self, leaf: int, reason: str) -> None:
     self.reasons.setdefault(leaf, reason)
@@ -491,7 +488,8 @@ def _dot_general(ctx, level, eqn, values, trails):
     registry.mask_check.note(flat.shape[:-1], token_mask_lib.row_weights(
         mask, flat.shape, range(flat.ndim - 1), jnp.float32) is not None)
   stat = mean_inputs.dense_mean(flat, (-1,), mask).reshape(groups, d_in)
-  _add_moment(registry, level, key, rows.reshape(-1, groups, d_in))
+  if _wants_moment(registry, level, key):
+    _add_moment(registry, key, rows.reshape(-1, groups, d_in))
   call = _Call(key, level.id, stat, rows.reshape(
       rows.shape[:len(free)] + (groups, d_in)), free)
   level.calls.append(call)
@@ -510,10 +508,13 @@ def _dot_general(ctx, level, eqn, values, trails):
   return [out], [_output_trail(level, key, out_axes)], {}
 
 
-def _add_moment(registry: Registry, level: _Level, key: str, a) -> None:
-  """Adds ``Σ a aᵀ`` of rows ``a`` ``[rows, G, d]`` if `key`'s is wanted."""
-  if key not in registry.moments or level.id != registry.top_level:
-    return
+def _wants_moment(registry: Registry, level: _Level, key: str) -> bool:
+  """Whether `key`'s second moment is wanted here (outside sub-programs)."""
+  return key in registry.moments and level.id == registry.top_level
+
+
+def _add_moment(registry: Registry, key: str, a) -> None:
+  """Adds ``Σ a aᵀ`` (and ``Σ a``, the rows) of rows ``a`` ``[rows, G, d]``."""
   if registry.keep_rows:
     registry.moment_rows.setdefault(key, []).append(a)
   a = jax.lax.stop_gradient(a).astype(jnp.float32)
@@ -620,10 +621,10 @@ def _conv(ctx, level, eqn, values, trails):
   order = [0] + [1 + i for i in sorted(range(len(names)),
                                        key=lambda i: names[i])]
   stat = jnp.transpose(patch, order).reshape(groups, -1)
-  if key in registry.moments:
+  if _wants_moment(registry, level, key):
     rows = _conv_patches(channels_last, p, kernel_size, groups)
     rows = rows.reshape((rows.shape[0], groups) + tuple(sizes))
-    _add_moment(registry, level, key, jnp.transpose(
+    _add_moment(registry, key, jnp.transpose(
         rows, [0] + [a + 1 for a in order]).reshape(rows.shape[0], groups,
                                                     -1))
   level.calls.append(_Call(key, level.id, stat))
@@ -1076,19 +1077,14 @@ def run(fn: Callable, registry: Registry, params, args, kwargs):
 
   ``stats`` maps each layer key to its ``[*stack, G, d_in]`` mean input.
   """
-  every, in_tree = jax.tree_util.tree_flatten((params, args, kwargs))
+  # Python scalars (a `train` flag given by position) stay Python values;
+  # the parameters are arrays (`Registry.of` checks), so they lead `flat`.
+  flat, rebuild = capture_core.static_scalars((params, args, kwargs))
   n_params = len(jax.tree_util.tree_leaves(params))
-  # Python scalars (a `train` flag given by position) stay Python values,
-  # as they are when the function is called outside `jit`.
-  static = [i >= n_params and isinstance(x, (bool, int, float, complex, str))
-            for i, x in enumerate(every)]
-  flat = [x for x, s in zip(every, static) if not s]
   out_tree = {}
 
   def flat_fn(*leaves):
-    it = iter(leaves)
-    p, a, k = jax.tree_util.tree_unflatten(
-        in_tree, [x if s else next(it) for x, s in zip(every, static)])
+    p, a, k = rebuild(list(leaves))
     out = fn(p, *a, **k)
     leaves_out, out_tree['tree'] = jax.tree_util.tree_flatten(out)
     return leaves_out

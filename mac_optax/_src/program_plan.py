@@ -9,12 +9,10 @@ them directly; any Flax model can, through ``model.apply``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Sequence, Union
 
 import jax
 
-from mac_optax._src import capture_core
 from mac_optax._src import plan as plan_lib
 from mac_optax._src import program
 from mac_optax._src import statistics
@@ -120,72 +118,23 @@ def plan(fn: Callable[..., Any], params: Any, *args: Any,
   _, stats = jax.eval_shape(
       lambda p, a, k: program.run(fn, registry, p, a, k), params, args,
       kwargs)
-  result = _with_options(_plan_from(registry, stats),
-                         (exclude, embed_lookup))
+  return not_empty(_with_options(_plan_from(registry, stats),
+                                 (exclude, embed_lookup)))
+
+
+def not_empty(result: plan_lib.LayerPlan) -> plan_lib.LayerPlan:
+  """`result`, if it has a layer (`mac_optax.plan` and the captures' plans).
+
+  Raises:
+    ValueError: no layer found (MAC would be plain SGD); the message lists
+      every parameter and why it was passed through.
+  """
   if not result.layers:
     raise ValueError(
         'mac: no layer found in the program: MAC would be plain SGD.\n'
         + result.summary() + '\nA layer is a parameter that reaches a '
         'matrix product (dot_general, einsum, @) or a convolution through '
         'reshapes/transposes/casts only.')
-  return result
-
-
-def checked_capture_plan(result: plan_lib.LayerPlan, fn: Callable[..., Any],
-                         params: Any, args: tuple, kwargs: dict
-                         ) -> plan_lib.LayerPlan:
-  """A Flax capture's plan, with what only the program shows.
-
-  A parameter the capture passes through but the traced program uses as a
-  layer kernel (its own einsum module, a kernel applied as ``x @ w.T``, a
-  head applied through another module) gets that as its reason, with the
-  way to precondition it; a plan with no layer raises.
-
-  Args:
-    result: the capture's plan.
-    fn: ``fn(params, *args, **kwargs)``, the model's forward pass.
-    params: the parameters (arrays or shapes).
-    args: example arguments.
-    kwargs: example keyword arguments.
-
-  Raises:
-    ValueError: the capture found no layer (MAC would be plain SGD).
-  """
-  registry = program.Registry.of(params, (), False)
-  try:
-    jax.eval_shape(lambda p, a, k: program.run(fn, registry, p, a, k),
-                   params, args, kwargs)
-  except Exception:  # pylint: disable=broad-except
-    # The hint is advice on top of the capture's own plan; a forward pass
-    # the interpreter cannot evaluate abstractly leaves the reasons as they
-    # are.
-    registry.found.clear()
-  kernels = {registry.leaf_names[f.leaf]: f for f in registry.layers()}
-  passed = []
-  for p in result.passed:
-    found = kernels.get(p.path)
-    if found is not None and p.reason != capture_core.EXCLUDED:
-      p = dataclasses.replace(p, reason=(
-          f'a layer in the program ({found.kind}, roles '
-          f'{found.layout.roles()}) that the Flax capture does not see: '
-          'mac_optax.plan(fn, params, x) preconditions it'))
-    passed.append(p)
-  return not_empty(dataclasses.replace(result, passed=tuple(passed)))
-
-
-def not_empty(result: plan_lib.LayerPlan) -> plan_lib.LayerPlan:
-  """`result`, if it has a layer.
-
-  Raises:
-    ValueError: the capture found no layer (MAC would be plain SGD).
-  """
-  if not result.layers:
-    raise ValueError(
-        'mac: the capture found no layer in this model: MAC would be plain '
-        'SGD.\n' + result.summary() + '\nFor layers written with their own '
-        'code, build the plan from the program instead: '
-        "mac_optax.plan(lambda p, x: model.apply({'params': p}, x), params, "
-        'x) and mac_optax.with_statistics in the step.')
   return result
 
 

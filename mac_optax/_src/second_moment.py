@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mac_optax._src import program
+from mac_optax._src import statistics
 from mac_optax._src.exact import path_key as _path_key
 
 _COLLECTION = 'mac_second_moment'
@@ -69,21 +70,30 @@ def _rows_of(module: nn.Module, x: jax.Array, keep_rows: bool
   shapes = jax.eval_shape(module.init, jax.random.key(0), x)['params']
   params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                   shapes)
-  registry = program.Registry.of(params, (), False)
-  kernels = [n for n, s in zip(registry.leaf_names, registry.leaf_shapes)
-             if n == 'kernel' or len(s) >= 2]
+  kernels = [statistics.join(p) for p in statistics.leaf_paths(params)]
+  kernels = [k for k, leaf in zip(kernels, jax.tree_util.tree_leaves(params))
+             if k == 'kernel' or leaf.ndim >= 2]
   kernel = 'kernel' if 'kernel' in kernels else (
       kernels[0] if len(kernels) == 1 else None)
-  registry.moments = frozenset({kernel})
-  registry.keep_rows = keep_rows
-  program.run(lambda p, x: module.apply({'params': p}, x), registry, params,
-              (jax.lax.stop_gradient(x),), {})
+  registry = _with_moments(lambda p, x: module.apply({'params': p}, x),
+                           params, x, kernel, keep_rows)
   if kernel not in registry.moment_sums:
     raise ValueError(
         f'mac: exact preconditioning needs a layer whose kernel reaches a '
         f'matrix product or a convolution; {type(module).__name__} has the '
         f'parameters {list(registry.leaf_names)}.')
   return registry, kernel
+
+
+def _with_moments(fn: Callable[..., Any], params: Any, x: jax.Array,
+                  kernel: Optional[str], keep_rows: bool = False
+                  ) -> program.Registry:
+  """``fn(params, x)`` run by the interpreter, `kernel`'s moment wanted."""
+  registry = program.Registry.of(params)
+  registry.moments = frozenset({kernel})
+  registry.keep_rows = keep_rows
+  program.run(fn, registry, params, (jax.lax.stop_gradient(x),), {})
+  return registry
 
 
 def layer_inputs(module: nn.Module, x: jax.Array) -> jax.Array:
@@ -173,8 +183,9 @@ def input_second_moment(
     a ``bias`` parameter.
 
   Raises:
-    ValueError: no Dense/DenseGeneral/Conv layer is called at ``path`` (the
-      message lists the layers that are), or ``batches`` is empty.
+    ValueError: no layer's kernel at ``path`` is called outside
+      scan/remat/cond (the message lists the layers that are), or
+      ``batches`` is empty.
     ImportError: ``progress=True`` without ``tqdm`` installed.
 
   Example:
@@ -185,8 +196,7 @@ def input_second_moment(
   key = _path_key(path)
   params = variables.get('params', {}) if isinstance(variables, Mapping) else {}
   apply_kwargs = dict(apply_kwargs or {})
-  registry = program.Registry.of(params, (), False)
-  names = set(registry.leaf_names)
+  names = {statistics.join(p) for p in statistics.leaf_paths(params)}
   # The layer at `path`: the module's `kernel`, or the parameter itself.
   kernel = next((k for k in ('/'.join(filter(None, (key, 'kernel'))), key)
                  if k in names), None)
@@ -194,11 +204,10 @@ def input_second_moment(
 
   @jax.jit
   def batch_sum(variables, x):
-    registry = program.Registry.of(variables['params'], (), False)
-    registry.moments = frozenset({kernel})
-    fn = lambda p, x: model.apply({**variables, 'params': p}, x,
-                                  **apply_kwargs)
-    program.run(fn, registry, variables['params'], (x,), {})
+    registry = _with_moments(
+        lambda p, x: model.apply({**variables, 'params': p}, x,
+                                 **apply_kwargs),
+        variables['params'], x, kernel)
     if kernel not in registry.moment_sums:
       layers = sorted(f.key for f in registry.layers())
       raise ValueError(

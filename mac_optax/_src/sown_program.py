@@ -75,22 +75,22 @@ def place(registry: program.Registry, found: program.Found) -> Sown:
   bias = (None if found.bias_leaf is None
           else statistics.split(names[found.bias_leaf]))
   layout = found.layout
+  # The layout the sown names' prefix rule would describe.
+  natural = _in_kernel_order(layout)
   kind = _KINDS[found.kind]
   sibling_bias = module + ('bias',)
   if found.kind == program.LOOKUP:
-    if leaf == 'embedding' and _prefix_rule(_in_kernel_order(layout)):
-      return Sown(module, statistics.LOOKUP_MEAN, kind,
-                  _in_kernel_order(layout), None, found.leaf)
+    if leaf == 'embedding' and _prefix_rule(natural):
+      return Sown(module, statistics.LOOKUP_MEAN, kind, natural, None,
+                  found.leaf)
     return Sown(kernel, statistics.PROGRAM_LOOKUP, kind, layout, None,
                 found.leaf)
-  if leaf == 'embedding' and bias is None and _prefix_rule(
-      _in_kernel_order(layout), True):
+  if leaf == 'embedding' and bias is None and _prefix_rule(natural, True):
     return Sown(module, statistics.ATTEND_MEAN, plan_lib.EMBED_ATTEND,
-                _in_kernel_order(layout), None, found.leaf)
+                natural, None, found.leaf)
   bias_is_sibling = (bias == sibling_bias if bias is not None else
                      statistics.join(sibling_bias) not in names)
   if leaf == 'kernel' and bias_is_sibling:
-    natural = _in_kernel_order(layout)
     if natural.bias_axes is None and _prefix_rule(natural):
       return Sown(module, statistics.MEAN, kind, natural, bias, found.leaf)
     return Sown(module, statistics.EINSUM_MEAN,

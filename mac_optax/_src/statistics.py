@@ -75,14 +75,6 @@ def kernel_of(path: Path, name: str) -> Path:
   return path + (PARAM[name],)
 
 
-def key_name(key: Any) -> str:
-  """A path entry of `jax.tree_util` as a plain string."""
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def key_value(key: Any) -> Any:
   """A path entry of `jax.tree_util` as the key it is (``'w'``, ``0``)."""
   for attr in ('key', 'name', 'idx'):
@@ -91,23 +83,27 @@ def key_value(key: Any) -> Any:
   return key
 
 
+def key_name(key: Any) -> str:
+  """A path entry of `jax.tree_util` as a plain string."""
+  return str(key_value(key))
+
+
+def _keys(path) -> tuple:
+  """A leaf's path as its own keys, the wrapper keys at its end dropped."""
+  keys = tuple(key_value(k) for k in path)
+  while keys and str(keys[-1]) in _WRAPPER_KEYS:
+    keys = keys[:-1]
+  return keys
+
+
 def leaf_keys(tree: Any) -> list[tuple]:
   """The path of every leaf of `tree` as its own keys, wrapper keys dropped."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  out = []
-  for path, _ in flat:
-    keys = [key_value(k) for k in path]
-    while keys and str(keys[-1]) in _WRAPPER_KEYS:
-      keys.pop()
-    out.append(tuple(keys))
-  return out
+  return [_keys(path) for path, _ in flat]
 
 
 def _names(path) -> Path:
-  names = tuple(key_name(k) for k in path)
-  while names and names[-1] in _WRAPPER_KEYS:
-    names = names[:-1]
-  return names
+  return tuple(str(k) for k in _keys(path))
 
 
 def leaf_paths(tree: Any) -> dict[Path, int]:
