@@ -53,12 +53,12 @@ def fold_counting(ema: Ema, value: jax.Array, decay, take
   """
   value = value.astype(ema.mean.dtype)
   value_axes = tuple(range(ema.count.ndim, value.ndim))
-  entry_finite = jnp.isfinite(value)
-  finite = jnp.all(entry_finite, axis=value_axes)
+  finite = jnp.all(jnp.isfinite(value), axis=value_axes)
   dropped = jnp.logical_and(take, jnp.logical_not(finite))
   take = jnp.logical_and(take, finite)
   decay = jnp.asarray(decay, ema.mean.dtype)
-  folded = decay * ema.mean + (1 - decay) * jnp.where(entry_finite, value, 0)
+  # A non-finite value's entries are computed but never selected.
+  folded = decay * ema.mean + (1 - decay) * value
   mean = jnp.where(_expand(take, value.ndim), folded, ema.mean)
   return (Ema(mean, ema.count + take.astype(jnp.int32)),
           dropped.astype(jnp.int32))

@@ -27,7 +27,7 @@ mean vector is scaled by ``s = max(‖ā‖_∞, 1)`` first; with ``ã = ā/s``,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +103,30 @@ def _scale_columns(specs: _Specs, per_vector: jax.Array,
                     columns)
 
 
+class Factors(NamedTuple):
+  """The small vectors of the preconditioner, for ``[*V]`` mean vectors."""
+  tilde: jax.Array      # [*V, d_in] ã = ā / s, s = max(‖ā‖_∞, 1)
+  inv_scale: jax.Array  # [*V] 1 / s
+  inverse: jax.Array    # [*V] 1 / (λ/s² + ‖ã‖² (+ 1/s² with a bias))
+
+
+def factors(mean: jax.Array, damping: jax.Array | float,
+            has_bias: bool) -> Factors:
+  """:class:`Factors` of ``[..., d_in]`` mean vectors (any leading axes).
+
+  Everything the preconditioner computes that does not touch a gradient:
+  layers of equal statistic shape compute it once, stacked.
+  """
+  scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=-1), 1.0)
+  inv_scale = 1 / scale
+  tilde = mean * inv_scale[..., None]
+  norm_sq = jnp.sum(jnp.square(tilde), axis=-1)
+  if has_bias:
+    norm_sq = norm_sq + jnp.square(inv_scale)
+  return Factors(tilde, inv_scale,
+                 1 / (damping * jnp.square(inv_scale) + norm_sq))
+
+
 def precondition(
     layout: KernelLayout,
     kernel_grad: jax.Array,
@@ -143,17 +167,36 @@ def precondition(
     >>> u.shape
     (3, 2)
   """
+  return apply(layout, kernel_grad, bias_grad,
+               factors(mean, damping, bias_grad is not None),
+               1 / damping if exact_inverse else None)
+
+
+def apply(
+    layout: KernelLayout,
+    kernel_grad: jax.Array,
+    bias_grad: Optional[jax.Array],
+    vectors: Factors,
+    multiplier: Optional[jax.Array | float] = None,
+) -> tuple[jax.Array, Optional[jax.Array]]:
+  """:func:`precondition` with its :func:`factors` given (``layout.stat_shape``).
+
+  Only what touches the gradient: one contraction ``ãᵀĜ`` and one rank-one
+  update per mean vector, then ``multiplier`` (``1/λ`` for the exact
+  inverse) if given.
+  """
   specs = _Specs(layout)
+  dtype = vectors.tilde.dtype
   # Computed in the statistic's dtype (float32 by default, also for bf16
   # gradients); returned in the gradient's.
-  kernel = kernel_grad.astype(mean.dtype).reshape(specs.kernel_shape)
+  kernel = kernel_grad.astype(dtype).reshape(specs.kernel_shape)
   # Under an explicit-axis mesh the vectors take the kernel's sharding, so
   # each device keeps the rows and columns of its own kernel block.
   along = sharding.along(kernel, specs.kernel)
-  mean = sharding.reshard(mean.reshape(specs.mean_shape), along(specs.mean))
-  in_axes = tuple(range(-specs.input_ndim, 0))
-  scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=in_axes), 1.0)
-  tilde = mean / scale.reshape(scale.shape + (1,) * specs.input_ndim)
+  tilde = sharding.reshard(vectors.tilde.reshape(specs.mean_shape),
+                           along(specs.mean))
+  vector_shape = specs.mean_shape[:len(specs.vectors)]
+  inv_scale = vectors.inv_scale.reshape(vector_shape)
   # A product summed over the input axes rather than one dot_general:
   # XLA:CPU emits a GEMV kernel of its own for every vector × matrix dot
   # (most of the compile time a layer's update adds), while the product
@@ -162,18 +205,14 @@ def precondition(
       jnp.einsum(f'{specs.kernel}->{specs.columns}', jnp.einsum(
           f'{specs.mean},{specs.kernel}->{specs.kernel}', tilde, kernel)),
       along(specs.columns))
-  norm_sq = jnp.sum(jnp.square(tilde), axis=in_axes)
   bias = None
-  inv_scale = 1 / scale
   if bias_grad is not None:
     bias = sharding.reshard(
-        bias_grad.astype(kernel.dtype).reshape(specs.bias_shape),
-        along(specs.bias))
+        bias_grad.astype(dtype).reshape(specs.bias_shape), along(specs.bias))
     projection = projection + _scale_columns(specs, inv_scale, bias,
                                              source=specs.bias)
-    norm_sq = norm_sq + jnp.square(inv_scale)
-  inverse = 1 / (damping / jnp.square(scale) + norm_sq)
-  coeff = _scale_columns(specs, inverse, projection)
+  coeff = _scale_columns(specs, vectors.inverse.reshape(vector_shape),
+                         projection)
   new_kernel = kernel - jnp.einsum(
       f'{specs.mean},{specs.columns}->{specs.kernel}', tilde, coeff,
       precision=_HIGHEST)
@@ -181,9 +220,9 @@ def precondition(
   if bias is not None:
     new_bias = bias - _scale_columns(specs, inv_scale, coeff,
                                      target=specs.bias)
-  if exact_inverse:
-    new_kernel = new_kernel / damping
-    new_bias = None if new_bias is None else new_bias / damping
+  if multiplier is not None:
+    new_kernel = new_kernel * multiplier
+    new_bias = None if new_bias is None else new_bias * multiplier
   new_kernel = new_kernel.reshape(kernel_grad.shape).astype(kernel_grad.dtype)
   if new_bias is not None:
     new_bias = sharding.like(
@@ -203,10 +242,5 @@ def shrink_factor(mean: jax.Array, damping: jax.Array | float,
   Returns:
     ``[...]`` the shrink factor of each mean vector (overflow-free).
   """
-  scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=-1), 1.0)
-  norm_sq = jnp.sum(jnp.square(mean / scale[..., None]), axis=-1)
-  if has_bias:
-    norm_sq = norm_sq + jnp.square(1 / scale)
-  return (damping / jnp.square(scale)) / (damping / jnp.square(scale)
-                                          + norm_sq)
-
+  f = factors(mean, damping, has_bias)
+  return damping * jnp.square(f.inv_scale) * f.inverse

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
@@ -161,20 +162,15 @@ def _plan_from_step(grads: Any, intermediates: Any, exact,
   return known
 
 
-def _step_layer(layer_state: LayerState, calls, fold, refresh, stat_decay,
-                dtype, axis_name) -> LayerState:
-  """Folds this step's mean input (if the layer was called) into the EMA.
+def _step_layer(layer_state: LayerState, batch_mean: Optional[jax.Array],
+                fold, refresh, stat_decay) -> LayerState:
+  """Folds this step's mean input (None: the layer was not called) into the EMA.
 
   ``used`` becomes the bias-corrected ``â`` on refresh steps and keeps its
   value otherwise.
   """
-  if calls is None:   # an optional layer not called on this step
+  if batch_mean is None:   # an optional layer not called on this step
     batch_mean, fold = jnp.zeros_like(layer_state.mean), False
-  else:
-    # Under an explicit-axis mesh the statistic is sharded as its activations;
-    # the state keeps its own sharding from step to step.
-    batch_mean = sharding.like(_batch_mean(calls, dtype, axis_name),
-                               layer_state.mean)
   folded, dropped = ema.fold_counting(
       ema.Ema(layer_state.mean, layer_state.count), batch_mean, stat_decay,
       fold)
@@ -184,9 +180,32 @@ def _step_layer(layer_state: LayerState, calls, fold, refresh, stat_decay,
                     layer_state.skipped + dropped)
 
 
-def _unless_invalid(ok, new: jax.Array, old: jax.Array) -> jax.Array:
-  """`new`, or `old` on a step whose traced hyperparameters are invalid."""
-  return new if ok is True else jnp.where(ok, new, old)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _layer_update(layout, exact_inverse: bool, guarded: bool, axis_name,
+                  kernel, bias, layer_state: LayerState, calls, fold, refresh,
+                  ok, stat_decay, damping):
+  """One layer's step: its statistic folded, its gradient preconditioned.
+
+  Jitted so that layers of one layout (the blocks of a deep model) are
+  traced and lowered once; inside the caller's ``jit`` it is inlined.
+  """
+  batch_mean = None
+  if calls is not None:
+    # Under an explicit-axis mesh the statistic is sharded as its
+    # activations; the state keeps its own sharding from step to step.
+    batch_mean = sharding.like(
+        _batch_mean(calls, layer_state.mean.dtype, axis_name),
+        layer_state.mean)
+  layer_state = _step_layer(layer_state, batch_mean, fold, refresh,
+                            stat_decay)
+  new_kernel, new_bias = rank_one.apply(
+      layout, kernel, bias,
+      rank_one.factors(layer_state.used, damping, bias is not None),
+      1 / damping if exact_inverse else None)
+  if guarded:
+    new_kernel = jnp.where(ok, new_kernel, kernel)
+    new_bias = None if bias is None else jnp.where(ok, new_bias, bias)
+  return layer_state, new_kernel, new_bias
 
 
 def mac(    damping: float | jax.Array = 1.0,
@@ -340,26 +359,25 @@ def mac(    damping: float | jax.Array = 1.0,
     fold = jnp.logical_and(state.step % cov_every == 0, ok)
     refresh = jnp.logical_and(state.step % inv_every == 0, ok)
     new_layers = dict(state.layers)
+    if first:
+      new_layers.pop(UNPLANNED, None)
     for p in pairings:
       key, shape = p.layer.key, p.layer.layout.stat_shape
       if p.layer.path in exact:
         continue
       if first:
-        new_layers.pop(UNPLANNED, None)
         layer_state = _empty_layer_state(shape, stat_dtype)
       else:
         layer_state = _as_layer_state(key, state.layers.get(key), shape)
-      layer_state = _step_layer(layer_state, p.calls, fold, refresh,
-                                stat_decay, stat_dtype, axis_name)
-      new_layers[key] = layer_state
-      kernel, bias = rank_one.precondition(
-          p.layer.layout, leaves[p.kernel_index],
-          None if p.bias_index is None else leaves[p.bias_index],
-          layer_state.used, damping, exact_inverse=exact_inverse)
-      leaves[p.kernel_index] = _unless_invalid(ok, kernel,
-                                               leaves[p.kernel_index])
+      bias_index = p.bias_index
+      new_layers[key], leaves[p.kernel_index], bias = _layer_update(
+          p.layer.layout, exact_inverse, ok is not True, axis_name,
+          leaves[p.kernel_index],
+          None if bias_index is None else leaves[bias_index], layer_state,
+          None if p.calls is None else list(p.calls), fold, refresh, ok,
+          stat_decay, damping)
       if bias is not None:
-        leaves[p.bias_index] = _unless_invalid(ok, bias, leaves[p.bias_index])
+        leaves[bias_index] = bias
     exact_lib.precondition_exact(exact, updates, leaves)
     new_state = MacState(step=optax.safe_increment(state.step),
                          damping=jnp.asarray(damping, stat_dtype),
