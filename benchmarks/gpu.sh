@@ -23,10 +23,12 @@
 #   3. precision MAC's captured statistics (ā of every layer) of the same
 #                models in float32 (default and HIGHEST matmul precision) and
 #                bf16, relative to a float64 capture on the same backend.
-#   4. cost      benchmarks/compile_cost.py --quick: MAC's compile and step
-#                time as ratios to SGD-momentum (statistics from
-#                mac_optax.with_statistics), the update's ops per layer, a
-#                deep decoder unrolled and in nn.scan.
+#   4. cost      benchmarks/compile_cost.py: MAC's compile and step time as
+#                ratios to SGD-momentum (statistics from
+#                mac_optax.with_statistics), the update's ops per layer, for
+#                the benchmark models, a 48-block decoder in nn.scan and
+#                GPT-2-small (--cpu: --quick, an 8-block decoder unrolled and
+#                in nn.scan).
 #
 # Results: $OUT/{device,tests,speed,precision,cost}.log, speed.json,
 # precision.json and cost.json, and a Markdown summary on stdout with the device name and
@@ -58,6 +60,7 @@ if [ "$MODE" = cpu ]; then
   export JAX_PLATFORMS=cpu
   TESTS=(tests/test_rank_one.py tests/test_precision.py)
   SIZE=--quick
+  COST=(--quick)
   LIMIT_TESTS=240 LIMIT_SPEED=240 LIMIT_PRECISION=120 LIMIT_COST=240
 else
   # Fail rather than fall back to the CPU silently.
@@ -65,7 +68,10 @@ else
   TESTS=(tests --ignore=tests/test_distributed.py
          --ignore=tests/test_multiprocess.py)
   SIZE=
-  LIMIT_TESTS=170 LIMIT_SPEED=200 LIMIT_PRECISION=40 LIMIT_COST=60
+  # The ratios of benchmarks/RESULTS.md's compile-cost table, GPT-2-small
+  # and the 48-block decoder in nn.scan included (unrolled: CPU only).
+  COST=(--only MLP ResNet ViT GPT "Decoder-48 scan" GPT-2-small)
+  LIMIT_TESTS=170 LIMIT_SPEED=200 LIMIT_PRECISION=40 LIMIT_COST=150
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 FAILED=()
@@ -237,7 +243,7 @@ with open(args.out, 'w') as f:
 EOF
 
 TQDM_DISABLE=1 section cost "$LIMIT_COST" "$PY" benchmarks/compile_cost.py \
-  --quick --no-write --compile-repeats 2 --repeats 3 --inner 2 \
+  "${COST[@]}" --no-write --compile-repeats 2 --repeats 3 --inner 2 \
   --json "$OUT/cost.json"
 
 echo

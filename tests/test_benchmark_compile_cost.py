@@ -10,3 +10,14 @@ def test_measure_counts_ops_and_times_both_steps():
   assert result['update']['ops'] > 0
   assert result['step_info']['mac']['ops'] > result['step_info']['sgd']['ops']
   assert set(result['step']) == {'sgd', 'mac'}
+
+
+def test_inlined_ops_count_a_called_function_once_per_call():
+  import jax  # pylint: disable=import-outside-toplevel
+  inner = jax.jit(lambda x: x * 2.0 + 1.0)   # multiply, add (+ constants)
+  once = compile_cost.inlined_ops(
+      jax.jit(inner).lower(1.0).as_text())
+  thrice = compile_cost.inlined_ops(
+      jax.jit(lambda x: inner(inner(inner(x)))).lower(1.0).as_text())
+  assert once > 0
+  assert thrice == 3 * once
