@@ -231,7 +231,10 @@ def test_statistics_are_float32_for_bfloat16_inputs():
   assert mean_inputs.dense_mean(x).dtype == jnp.float32
 
 
-def test_the_batch_sums_are_exact():
+@pytest.mark.parametrize('as_contraction', [False, True])
+def test_both_forms_of_the_batch_sum_are_exact(monkeypatch, as_contraction):
+  """The form chosen per jax release (sum or ones-contraction) changes nothing."""
+  monkeypatch.setattr(mean_inputs, '_SUM_AS_CONTRACTION', as_contraction)
   rng = np.random.default_rng(3)
   x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
   np.testing.assert_allclose(mean_inputs.sum_leading(x), x.sum(0), rtol=1e-5,

@@ -37,6 +37,15 @@ def stat_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, STAT_DTYPE)
 
 
+# XLA:CPU lowers a sum over the leading axis very differently across jax
+# releases (benchmarks/RESULTS.md). From jax 0.10 on, ``jnp.sum(x, 0)`` of a
+# [128, 32, 32, 64] array takes 92 ms and a contraction with a ones vector
+# 1.2 ms; with jax 0.9.1 the sum takes 3 ms and the contraction 40 ms, which
+# made capture cost up to 2x a forward pass. Each release gets the form it
+# runs fast; both are exact sums. The contraction asks for HIGHEST precision:
+# at the default, GPUs run it in TF32 and TPUs in bf16 passes.
+_SUM_AS_CONTRACTION = jax.__version_info__ >= (0, 10)
+
 # XLA:CPU before jax 0.12 cannot run a dot with batch axes whose operands are
 # narrower than its result ("Unsupported element type for DotThunk::Execute:
 # BF16 x BF16 = F32" under jax 0.10.2; 0.12.1 runs it), the form of the conv
@@ -46,20 +55,27 @@ _NARROW_BATCHED_DOTS = jax.__version_info__ >= (0, 12)
 
 
 def sum_leading(x: jax.Array, axes: int = 1) -> jax.Array:
-  """``Σ`` over the first `axes` axes of `x`, accumulated in ``stat_dtype``.
-
-  A reduction, not a contraction with a ones vector: XLA:CPU compiles a
-  vector × matrix dot into a kernel of its own for every statistic (about
-  40 ms each, half a second of a GPT-2-small step's compilation), while
-  reductions of equal shape share one kernel and fuse with their producer;
-  on GPUs a reduction is also exact float32 where a dot may run in TF32.
-  """
-  return jnp.sum(x, axis=tuple(range(axes)), dtype=stat_dtype(x.dtype))
+  """``Σ`` over the first `axes` axes of `x`, accumulated in ``stat_dtype``."""
+  dtype = stat_dtype(x.dtype)
+  if not _SUM_AS_CONTRACTION:
+    return jnp.sum(x, axis=tuple(range(axes)), dtype=dtype)
+  lead = x.shape[:axes]
+  ones = jnp.ones(lead, x.dtype)
+  letters = 'abcdefgh'[:axes]
+  return jnp.einsum(f'{letters},{letters}...->...', ones, x,
+                    preferred_element_type=dtype, precision=_HIGHEST)
 
 
 def _mean_rows(x: jax.Array) -> jax.Array:
-  """Mean over axis 0 of a 2-D array."""
-  return sum_leading(x) / max(x.shape[0], 1)
+  """Mean over axis 0 of a 2-D ``[rows, d_in]`` array.
+
+  A reduction, not `sum_leading`'s ones contraction: XLA:CPU compiles every
+  vector × matrix dot into a GEMV kernel of its own (about 40 ms each, half
+  a second of GPT-2-small's step), while reductions of one shape share a
+  kernel; over rows of at most a few thousand features a reduction runs as
+  fast on every jax release (benchmarks/notes.md).
+  """
+  return jnp.sum(x, axis=0, dtype=stat_dtype(x.dtype)) / max(x.shape[0], 1)
 
 
 def dense_mean(x: jax.Array, axis: Sequence[int] = (-1,),
@@ -89,7 +105,7 @@ def dense_mean(x: jax.Array, axis: Sequence[int] = (-1,),
     return _mean_rows(x.reshape(-1, d_in))[None, :]
   tokens = weights.size
   x = x.reshape(tokens, -1, d_in)
-  # The weighted rows summed, like `sum_leading`, as a reduction.
+  # The weighted rows summed as a reduction, as in `_mean_rows`.
   summed = jnp.sum(weights.reshape(tokens, 1, 1) * x.astype(weights.dtype),
                    axis=(0, 1))
   return (summed / token_mask.count(weights, x.shape[1]))[None, :]
