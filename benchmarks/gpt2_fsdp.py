@@ -31,8 +31,10 @@ if __name__ == '__main__':
                              f' --xla_force_host_platform_device_count='
                              f'{DEVICES}')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
+  # GPT2_FSDP_ROOT: measure another checkout's mac_optax (e.g. the commit a
+  # change started from) with this script.
+  sys.path.insert(0, os.environ.get('GPT2_FSDP_ROOT', os.path.dirname(
+      os.path.dirname(os.path.abspath(__file__)))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
@@ -196,7 +198,7 @@ def _memory(compiled) -> dict:
                      - m.alias_size_in_bytes + m.temp_size_in_bytes))
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, compile_repeats: int = 3) -> dict:
   model, batch_size, repeats, desc = config(quick)
   devices = jax.devices()
   assert len(devices) == DEVICES, devices
@@ -228,27 +230,42 @@ def run(quick: bool) -> dict:
   data = NamedSharding(mesh, P('data'))
   batch = (jax.device_put(tokens, data), jax.device_put(targets, data))
   replicated = NamedSharding(mesh, P())
-  runs, results = {}, {}
-  for name, (tx, captures) in txs.items():
-    params = jax.jit(model.init, out_shardings={'params': shardings})(
-        jax.random.PRNGKey(0), tokens[:1])['params']
-    opt_shardings = state_shardings(jax.eval_shape(tx.init, params), shapes,
-                                    shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  runs, results, compiles = {}, {}, {}
+
+  def compile_step(name, params, opt_state):
+    """Trace, lower and compile the step anew (new function objects)."""
+    tx, captures = txs[name]
     step = jax.jit(make_step(model, tx, captures),
-                   out_shardings=(shardings, opt_shardings, replicated),
+                   out_shardings=(shardings, compiles[name], replicated),
                    donate_argnums=(0, 1))
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, batch, F32(1e-3)).compile()
-    compile_s = time.perf_counter() - start
+    results[name]['compile_times'].append(time.perf_counter() - start)
+    return compiled
+
+  for name, (tx, _) in txs.items():
+    params = jax.jit(model.init, out_shardings={'params': shardings})(
+        jax.random.PRNGKey(0), tokens[:1])['params']
+    compiles[name] = state_shardings(jax.eval_shape(tx.init, params), shapes,
+                                     shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=compiles[name])(params)
+    results[name] = dict(compile_times=[], times=[])
+    compiled = compile_step(name, params, opt_state)
     params, opt_state, loss = compiled(params, opt_state, batch, F32(1e-3))
     jax.block_until_ready(loss)   # warm-up
     runs[name] = [compiled, params, opt_state]
-    results[name] = dict(compile_s=compile_s, memory=_memory(compiled),
-                         first_loss=float(loss), times=[])
-    print(f'{name}: compiled in {compile_s:.1f} s, loss {float(loss):.3f}',
-          flush=True)
+    results[name].update(memory=_memory(compiled), first_loss=float(loss))
+    print(f"{name}: compiled in {results[name]['compile_times'][0]:.1f} s, "
+          f'loss {float(loss):.3f}', flush=True)
   names = list(runs)
+  # Further compilations, interleaved, for the min and median.
+  for r in range(1, compile_repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      compile_step(name, *runs[name][1:])
+  for name in names:
+    times = results[name]['compile_times']
+    results[name].update(compile_s=min(times),
+                         compile_median_s=float(np.median(times)))
   for r in range(repeats):
     for name in names[r % len(names):] + names[:r % len(names)]:
       compiled, params, opt_state = runs[name]
@@ -266,11 +283,14 @@ def run(quick: bool) -> dict:
   for entry in results.values():
     entry['step_ratio'] = entry['min_s'] / sgd['min_s']
     entry['compile_ratio'] = entry['compile_s'] / sgd['compile_s']
+    entry['compile_median_ratio'] = (entry['compile_median_s']
+                                     / sgd['compile_median_s'])
   embed = shapes['Embed_0']['embedding'].shape
   return dict(desc=desc, quick=quick, devices=DEVICES, embedding=embed,
               embedding_spec=str(fsdp_spec(embed, DEVICES)),
               batch=f'{batch_size} x {model.context} tokens',
-              repeats=repeats, share=share, optimizers=results,
+              repeats=repeats, compile_repeats=compile_repeats,
+              share=share, optimizers=results,
               state_bytes_per_device={str(k): v for k, v in scaling.items()},
               jax=jax.__version__, platform=devices[0].platform)
 
@@ -290,17 +310,23 @@ def markdown(result: dict) -> str:
       f"over the data axis on its largest axis that 8 divides (the "
       f"embedding {' × '.join(map(str, result['embedding']))}: "
       f"{result['embedding_spec']}). {result['platform']}, jax "
-      f"{result['jax']}, min of {result['repeats']} interleaved repeats "
-      '(`benchmarks/gpt2_fsdp.py`, run by `benchmarks/run.py --only gpt2`).',
+      f"{result['jax']}; step: min of {result['repeats']} interleaved "
+      f"repeats; compile (trace, lower, compile with new function objects): "
+      f"min / median of {result.get('compile_repeats', 1)} interleaved "
+      'repeats (`benchmarks/gpt2_fsdp.py`, run by `benchmarks/run.py --only '
+      'gpt2`).',
       '',
-      '| optimizer | step s | step / SGD | compile s | compile / SGD '
-      '| compiled MiB per device (temp) |',
+      '| optimizer | step s | step / SGD | compile s (min / median) | '
+      'compile / SGD (min / median) | compiled MiB per device (temp) |',
       '|---|---:|---:|---:|---:|---:|']
   for name, e in opt.items():
     mem = e['memory']
+    median = e.get('compile_median_s', e['compile_s'])
+    median_ratio = e.get('compile_median_ratio', e['compile_ratio'])
     lines.append(
         f"| {LABELS[name]} | {e['min_s']:.2f} | {e['step_ratio']:.2f} | "
-        f"{e['compile_s']:.1f} | {e['compile_ratio']:.2f} | "
+        f"{e['compile_s']:.1f} / {median:.1f} | "
+        f"{e['compile_ratio']:.2f} / {median_ratio:.2f} | "
         f"{mib(mem.get('total', 0))} ({mib(mem.get('temp', 0))}) |")
   lines += ['', 'Optimizer state per device (MiB) as the same FSDP layout '
             'spans more devices; × devices / 1 device in brackets (1.00 = '
@@ -343,8 +369,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--json', help='write the result here')
+  parser.add_argument('--compile-repeats', type=int, default=3)
   args = parser.parse_args(argv)
-  result = run(args.quick)
+  result = run(args.quick, args.compile_repeats)
   print(markdown(result))
   if args.json:
     with open(args.json, 'w') as f:

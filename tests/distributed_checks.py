@@ -820,6 +820,18 @@ def check_explicit_mesh_fsdp():
   return _explicit_run('fsdp')
 
 
+def check_explicit_mesh_projection_as_dot():
+  """The FSDP and tensor-parallel layouts with every layer's projection
+  ``ãᵀĜ`` a dot (the form of large kernels), contracted over a split axis."""
+  from mac_optax._src import rank_one  # pylint: disable=import-outside-toplevel
+  small = rank_one.DOT_FROM
+  rank_one.DOT_FROM = 0
+  try:
+    return _explicit_run('fsdp') + '; ' + _explicit_run('tensor_parallel')
+  finally:
+    rank_one.DOT_FROM = small
+
+
 def check_explicit_mesh_multi_steps():
   """mac_optax.multi_steps on the tensor-parallel layout: its running mean
   of the statistics keeps the state's sharding too."""

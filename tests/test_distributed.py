@@ -32,6 +32,7 @@ CHECKS = [
     'explicit_mesh_tensor_parallel',
     'explicit_mesh_data_parallel',
     'explicit_mesh_fsdp',
+    'explicit_mesh_projection_as_dot',
     'explicit_mesh_multi_steps',
     'explicit_mesh_adds_only_vector_collectives',
 ]

@@ -172,6 +172,35 @@ def precondition(
                1 / damping if exact_inverse else None)
 
 
+# Kernels of at least this many elements (2 MiB of float32, more than a
+# core's L2 cache) take the projection as a dot; smaller ones as a reduction.
+DOT_FROM = 2**19
+
+
+def _projection(specs: _Specs, tilde: jax.Array, kernel: jax.Array,
+                along) -> jax.Array:
+  """``ãᵀĜ``: the gradient contracted with the mean vectors over its inputs.
+
+  Two forms of the same ``O(d_in · d_out)`` pass. XLA:CPU compiles every
+  vector × matrix dot into a GEMV kernel of its own (tens of milliseconds
+  per layer), while a product summed over the input axes fuses into a
+  reduction that layers of one shape share. But the reduction reads its
+  operand in row-major order: a gradient that the backward pass leaves in
+  another layout (a DenseGeneral's or a tied embedding's) is first copied
+  whole, which a dot avoids. Small kernels, whose cost is compilation, take
+  the reduction; large ones, whose cost is passes through memory, the dot.
+  """
+  columns = along(specs.columns)
+  if kernel.size >= DOT_FROM:
+    return jnp.einsum(f'{specs.mean},{specs.kernel}->{specs.columns}',
+                      tilde, kernel, precision=_HIGHEST,
+                      **sharding.out_sharding(columns))
+  return sharding.reshard(
+      jnp.einsum(f'{specs.kernel}->{specs.columns}', jnp.einsum(
+          f'{specs.mean},{specs.kernel}->{specs.kernel}', tilde, kernel)),
+      columns)
+
+
 def apply(
     layout: KernelLayout,
     kernel_grad: jax.Array,
@@ -197,14 +226,7 @@ def apply(
                            along(specs.mean))
   vector_shape = specs.mean_shape[:len(specs.vectors)]
   inv_scale = vectors.inv_scale.reshape(vector_shape)
-  # A product summed over the input axes rather than one dot_general:
-  # XLA:CPU emits a GEMV kernel of its own for every vector × matrix dot
-  # (most of the compile time a layer's update adds), while the product
-  # fuses into the sum. The same O(d_in · d_out) pass over the gradient.
-  projection = sharding.reshard(
-      jnp.einsum(f'{specs.kernel}->{specs.columns}', jnp.einsum(
-          f'{specs.mean},{specs.kernel}->{specs.kernel}', tilde, kernel)),
-      along(specs.columns))
+  projection = _projection(specs, tilde, kernel, along)
   bias = None
   if bias_grad is not None:
     bias = sharding.reshard(
