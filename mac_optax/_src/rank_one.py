@@ -114,8 +114,8 @@ def factors(mean: jax.Array, damping: jax.Array | float,
             has_bias: bool) -> Factors:
   """:class:`Factors` of ``[..., d_in]`` mean vectors (any leading axes).
 
-  Everything the preconditioner computes that does not touch a gradient:
-  layers of equal statistic shape compute it once, stacked.
+  Everything the preconditioner computes without the gradient, in one
+  place for :func:`precondition`, MAC's update and :func:`shrink_factor`.
   """
   scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=-1), 1.0)
   inv_scale = 1 / scale
