@@ -230,13 +230,13 @@ def run(quick: bool, compile_repeats: int = 3) -> dict:
   data = NamedSharding(mesh, P('data'))
   batch = (jax.device_put(tokens, data), jax.device_put(targets, data))
   replicated = NamedSharding(mesh, P())
-  runs, results, compiles = {}, {}, {}
+  runs, results, opt_shardings = {}, {}, {}
 
   def compile_step(name, params, opt_state):
     """Trace, lower and compile the step anew (new function objects)."""
     tx, captures = txs[name]
     step = jax.jit(make_step(model, tx, captures),
-                   out_shardings=(shardings, compiles[name], replicated),
+                   out_shardings=(shardings, opt_shardings[name], replicated),
                    donate_argnums=(0, 1))
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, batch, F32(1e-3)).compile()
@@ -246,9 +246,9 @@ def run(quick: bool, compile_repeats: int = 3) -> dict:
   for name, (tx, _) in txs.items():
     params = jax.jit(model.init, out_shardings={'params': shardings})(
         jax.random.PRNGKey(0), tokens[:1])['params']
-    compiles[name] = state_shardings(jax.eval_shape(tx.init, params), shapes,
-                                     shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=compiles[name])(params)
+    opt_shardings[name] = state_shardings(
+        jax.eval_shape(tx.init, params), shapes, shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings[name])(params)
     results[name] = dict(compile_times=[], times=[])
     compiled = compile_step(name, params, opt_state)
     params, opt_state, loss = compiled(params, opt_state, batch, F32(1e-3))
