@@ -67,7 +67,9 @@ def _reference_update(layout, g, b, mean, damping):
 
 
 @pytest.mark.parametrize('with_bias', [False, True])
-def test_rank_one_batch_axes_anywhere_match_explicit_inverses(with_bias):
+def test_rank_one_batch_axes_anywhere_match_explicit_inverses(
+    with_bias, projection):
+  del projection   # both forms of the projection, each against the reference
   # Kernel (stack 2, in 2, batch 3, in 2, out 4, batch 2): roles 'sibiob';
   # the bias runs over (out, batch 3, batch 2) in a third order.
   rng = np.random.default_rng(0)

@@ -20,14 +20,6 @@ def _explicit(g, b, a, damping, exact):
   return (u[:-1], u[-1]) if b is not None else (u, None)
 
 
-@pytest.fixture(params=['reduction', 'dot'])
-def projection(request, monkeypatch):
-  """Both forms of ``ãᵀĜ``: small kernels' reduction, large kernels' dot."""
-  monkeypatch.setattr(rank_one, 'DOT_FROM',
-                      0 if request.param == 'dot' else 2**62)
-  return request.param
-
-
 @pytest.mark.parametrize('with_bias', [False, True])
 @pytest.mark.parametrize('exact', [False, True])
 def test_precondition_matches_explicit_inverse_per_group_and_stack(

@@ -162,15 +162,13 @@ def _plan_from_step(grads: Any, intermediates: Any, exact,
   return known
 
 
-def _step_layer(layer_state: LayerState, batch_mean: Optional[jax.Array],
-                fold, refresh, stat_decay) -> LayerState:
-  """Folds this step's mean input (None: the layer was not called) into the EMA.
+def _step_layer(layer_state: LayerState, batch_mean: jax.Array, fold, refresh,
+                stat_decay) -> LayerState:
+  """Folds this step's mean input into the EMA where `fold`.
 
   ``used`` becomes the bias-corrected ``â`` on refresh steps and keeps its
   value otherwise.
   """
-  if batch_mean is None:   # an optional layer not called on this step
-    batch_mean, fold = jnp.zeros_like(layer_state.mean), False
   folded, dropped = ema.fold_counting(
       ema.Ema(layer_state.mean, layer_state.count), batch_mean, stat_decay,
       fold)
@@ -189,8 +187,9 @@ def _layer_update(layout, exact_inverse: bool, guarded: bool, axis_name,
   Jitted so that layers of one layout (the blocks of a deep model) are
   traced and lowered once; inside the caller's ``jit`` it is inlined.
   """
-  batch_mean = None
-  if calls is not None:
+  if calls is None:   # an optional layer not called on this step
+    batch_mean, fold = jnp.zeros_like(layer_state.mean), False
+  else:
     # Under an explicit-axis mesh the statistic is sharded as its
     # activations; the state keeps its own sharding from step to step.
     batch_mean = sharding.like(
