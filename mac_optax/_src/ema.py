@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mac_optax._src import vector_norm
+
 
 class Ema(NamedTuple):
   """An EMA and its number of folds; ``V`` = the vector axes of one value."""
@@ -53,7 +55,7 @@ def fold_counting(ema: Ema, value: jax.Array, decay, take
   """
   value = value.astype(ema.mean.dtype)
   value_axes = tuple(range(ema.count.ndim, value.ndim))
-  finite = jnp.all(jnp.isfinite(value), axis=value_axes)
+  finite = vector_norm.all_finite(value, value_axes)
   dropped = jnp.logical_and(take, jnp.logical_not(finite))
   take = jnp.logical_and(take, finite)
   decay = jnp.asarray(decay, ema.mean.dtype)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from mac_optax._src import sharding
+from mac_optax._src import vector_norm
 from mac_optax._src.layout import KernelLayout
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -117,10 +118,10 @@ def factors(mean: jax.Array, damping: jax.Array | float,
   Everything the preconditioner computes without the gradient, in one
   place for :func:`precondition`, MAC's update and :func:`shrink_factor`.
   """
-  scale = jnp.maximum(jnp.max(jnp.abs(mean), axis=-1), 1.0)
-  inv_scale = 1 / scale
+  norm = vector_norm.norm(mean)
+  inv_scale = 1 / norm.scale
   tilde = mean * inv_scale[..., None]
-  norm_sq = jnp.sum(jnp.square(tilde), axis=-1)
+  norm_sq = norm.sum_sq
   if has_bias:
     norm_sq = norm_sq + jnp.square(inv_scale)
   return Factors(tilde, inv_scale,
