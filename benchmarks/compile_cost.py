@@ -20,6 +20,12 @@ subprocess reports its ratios to its own SGD-momentum.
 
 ``python benchmarks/compile_cost.py [--quick] [--before DIR]`` prints the
 section and writes it into ``benchmarks/RESULTS.md`` in place.
+
+``--scan-depths 8 48`` instead measures how compile time grows with depth for
+a decoder scanned over its blocks, written with ``nn.scan`` (statistics from
+``with_statistics``) and with ``nnx.scan`` (statistics from
+``mac_optax.nnx.capture``): compile seconds of SGD-momentum and MAC at each
+depth, interleaved, min of the repeats (printed, not written).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ if __name__ == '__main__':
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax.linen as nn
+from flax import nnx
 import jax
 import numpy as np
 import optax
@@ -111,6 +118,100 @@ class Decoder(nn.Module):
       for _ in range(self.depth):
         x = models.Block(self.dim, self.heads, causal=True)(x)
     return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+class NnxBlock(nnx.Module):
+  """``models.Block`` in NNX: pre-norm causal attention and MLP."""
+
+  def __init__(self, dim: int, heads: int, rngs: nnx.Rngs):
+    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(heads, dim, decode=False,
+                                            rngs=rngs)
+    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.up = nnx.Linear(dim, 4 * dim, rngs=rngs)
+    self.down = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.norm1(x)
+    x = x + self.attention(h, mask=nnx.make_causal_mask(x[..., 0]))
+    return x + self.down(nnx.gelu(self.up(self.norm2(x))))
+
+
+class NnxDecoder(nnx.Module):
+  """:class:`Decoder` with ``scan=True``, in NNX (``nnx.vmap`` + ``nnx.scan``)."""
+
+  def __init__(self, depth: int, rngs: nnx.Rngs, vocab: int = 96,
+               dim: int = 64, heads: int = 2):
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def blocks(rngs):
+      return NnxBlock(dim, heads, rngs)
+
+    self.blocks = blocks(rngs)
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def __call__(self, tokens):
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+
+    return self.head(self.norm(body(self.embed(tokens), self.blocks)))
+
+
+def _scan_step(framework: str, depth: int, name: str, batch):
+  """(fresh jitted step, its arguments) of one scanned decoder."""
+  tokens, labels = batch
+  if framework == 'nn.scan':
+    model = Decoder(depth=depth, scan=True)
+    params = model.init(jax.random.PRNGKey(0), tokens)['params']
+    step, tx = _trainer(name, model, params, batch)
+    return step, ((params, tx.init(params)), batch, F32(0.01))
+  model = NnxDecoder(depth, nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forward = lambda p: nnx.merge(graphdef, p, rest)(tokens)
+  if name == 'sgd':
+    tx = optax.sgd(1.0, momentum=steps.MOMENTUM)
+    loss_fn = lambda p: (steps.cross_entropy(forward(p), labels), None)
+    update = lambda g, s, p, stats: tx.update(g, s, p)
+  else:
+    tx = mac_optax.mac_sgd(1.0, steps.MOMENTUM, damping=steps.MAC_DAMPING,
+                           stat_decay=steps.MAC_STAT_DECAY,
+                           plan=mac_optax.nnx.plan(model, tokens))
+
+    def loss_fn(p):
+      logits, inter = mac_optax.nnx.capture(nnx.merge(graphdef, p, rest))(
+          tokens)
+      return steps.cross_entropy(logits, labels), inter
+    update = lambda g, s, p, stats: tx.update(g, s, p, intermediates=stats)
+
+  def step(state, lr):
+    p, opt_state = state
+    grads, stats = jax.grad(loss_fn, has_aux=True)(p)
+    updates, opt_state = update(grads, opt_state, p, stats)
+    return (jax.tree_util.tree_map(lambda a, u: a + lr * u, p, updates),
+            opt_state)
+  return jax.jit(step), ((params, tx.init(params)), F32(0.01))
+
+
+def scan_depths(depths, repeats: int) -> dict:
+  """Compile seconds (min) per framework, depth and optimizer, interleaved."""
+  batch = models.synthetic_batch('tokens', (32,), 8, 96)
+  out = {}
+  for framework in ('nn.scan', 'nnx.scan'):
+    times = {(d, k): [] for d in depths for k in ('sgd', 'mac')}
+    for r in range(repeats):
+      for d, k in (list(times) if r % 2 == 0 else list(times)[::-1]):
+        step, args = _scan_step(framework, d, k, batch)
+        t0 = time.perf_counter()
+        step.lower(*args).compile()
+        times[d, k].append(time.perf_counter() - t0)
+    out[framework] = {f'{k} depth {d}': float(np.min(v))
+                      for (d, k), v in times.items()}
+  return out
 
 
 def bench_models(quick: bool) -> dict:
@@ -280,6 +381,8 @@ def main(argv=None):
   parser.add_argument('--before', help='checkout to compare against')
   parser.add_argument('--only', nargs='*', help='model names')
   parser.add_argument('--worker', help=argparse.SUPPRESS)
+  parser.add_argument('--scan-depths', nargs='*', type=int,
+                      help='measure compile time at these depths')
   parser.add_argument('--compile-repeats', type=int, default=3)
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--inner', type=int, default=3)
@@ -288,6 +391,12 @@ def main(argv=None):
       'render earlier --json results instead of measuring (later files '
       'replace the models they hold), with the machine line of the first'))
   args = parser.parse_args(argv)
+  if args.scan_depths:
+    result = scan_depths(args.scan_depths, args.compile_repeats)
+    for framework, entries in result.items():
+      print(framework, ', '.join(f'{k}: {v:.2f} s'
+                                 for k, v in entries.items()))
+    return result
   if args.worker:
     print(json.dumps(measure(args.worker, args.quick, args.compile_repeats,
                              args.repeats, args.inner)))

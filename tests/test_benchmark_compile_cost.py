@@ -21,3 +21,15 @@ def test_inlined_ops_count_a_called_function_once_per_call():
       jax.jit(lambda x: inner(inner(inner(x)))).lower(1.0).as_text())
   assert once > 0
   assert thrice == 3 * once
+
+
+def test_scanned_decoders_lower_to_the_same_step_at_every_depth():
+  """`--scan-depths`'s decoders (attention in the scanned block), both ways."""
+  from benchmarks import models  # pylint: disable=import-outside-toplevel
+  batch = models.synthetic_batch('tokens', (8,), 2, 96)
+  for framework in ('nn.scan', 'nnx.scan'):
+    ops = []
+    for depth in (1, 3):
+      step, args = compile_cost._scan_step(framework, depth, 'mac', batch)  # pylint: disable=protected-access
+      ops.append(compile_cost.inlined_ops(step.lower(*args).as_text()))
+    assert ops[0] == ops[1] > 0, (framework, ops)
