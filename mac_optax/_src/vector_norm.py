@@ -11,10 +11,11 @@ computed as in LAPACK's ``nrm2``: every entry is a pair
     (s₁, q₁) ⊕ (s₂, q₂) = (s, q₁ (s₁/s)² + q₂ (s₂/s)²),   s = max(s₁, s₂),
 
 an associative operation, so ``(s, q)`` is one reduction over ``x``. Written
-as one variadic reduction it stays one kernel whose inputs' elementwise work
-is fused in: XLA:CPU splits every single-operand reduction of more than 32
-elements into a chain of reduce-window kernels, and a deep model has several
-such statistics per layer, each compiled on its own.
+as one variadic reduction it stays one kernel with its inputs' elementwise
+work fused in, where XLA:CPU splits every single-operand reduction of more
+than 32 elements into a chain of reduce-window kernels and fuses nothing into
+them: MAC's update has two such reductions per layer, and every kernel of it
+is compiled once per layer.
 
 A non-finite entry makes ``q`` non-finite (``x/s`` is NaN for a NaN or an
 infinite ``xᵢ``), so the same pass also says whether ``x`` is finite.
@@ -35,6 +36,7 @@ class Norm(NamedTuple):
 
 
 def _combine(a, b):
+  # Every scale is at least 1 (the initial value too): the ratios exist.
   (sa, qa), (sb, qb) = a, b
   s = jnp.maximum(sa, sb)
   return s, qa * jnp.square(sa / s) + qb * jnp.square(sb / s)
