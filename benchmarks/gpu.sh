@@ -96,8 +96,9 @@ print(f"device: {d.platform} {d.device_kind} x{jax.device_count()}; "
       f"python {platform.python_version()}")
 '
 
+# -n 0: one test process for the one GPU (pyproject's default is one per core).
 JAX_DEFAULT_MATMUL_PRECISION=highest section tests "$LIMIT_TESTS" \
-  "$PY" -m pytest -q -m 'not slow' -p no:cacheprovider "${TESTS[@]}"
+  "$PY" -m pytest -q -m 'not slow' -n 0 -p no:cacheprovider "${TESTS[@]}"
 
 TQDM_DISABLE=1 section speed "$LIMIT_SPEED" "$PY" - $SIZE --out "$OUT/speed.json" <<'EOF'
 """Step-time ratios to SGD-momentum, float32 and bf16 (min of repeats)."""
