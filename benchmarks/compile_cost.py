@@ -164,37 +164,20 @@ class NnxDecoder(nnx.Module):
 
 def _scan_step(framework: str, depth: int, name: str, batch):
   """(fresh jitted step, its arguments) of one scanned decoder."""
-  tokens, labels = batch
+  tokens = batch[0]
   if framework == 'nn.scan':
     model = Decoder(depth=depth, scan=True)
     params = model.init(jax.random.PRNGKey(0), tokens)['params']
-    step, tx = _trainer(name, model, params, batch)
-    return step, ((params, tx.init(params)), batch, F32(0.01))
-  model = NnxDecoder(depth, nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  forward = lambda p: nnx.merge(graphdef, p, rest)(tokens)
-  if name == 'sgd':
-    tx = optax.sgd(1.0, momentum=steps.MOMENTUM)
-    loss_fn = lambda p: (steps.cross_entropy(forward(p), labels), None)
-    update = lambda g, s, p, stats: tx.update(g, s, p)
+    step, tx = _trainer(name, _forward(model), params, batch)
   else:
-    tx = mac_optax.mac_sgd(1.0, steps.MOMENTUM, damping=steps.MAC_DAMPING,
-                           stat_decay=steps.MAC_STAT_DECAY,
-                           plan=mac_optax.nnx.plan(model, tokens))
-
-    def loss_fn(p):
-      logits, inter = mac_optax.nnx.capture(nnx.merge(graphdef, p, rest))(
-          tokens)
-      return steps.cross_entropy(logits, labels), inter
-    update = lambda g, s, p, stats: tx.update(g, s, p, intermediates=stats)
-
-  def step(state, lr):
-    p, opt_state = state
-    grads, stats = jax.grad(loss_fn, has_aux=True)(p)
-    updates, opt_state = update(grads, opt_state, p, stats)
-    return (jax.tree_util.tree_map(lambda a, u: a + lr * u, p, updates),
-            opt_state)
-  return jax.jit(step), ((params, tx.init(params)), F32(0.01))
+    model = NnxDecoder(depth, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    module = lambda p: nnx.merge(graphdef, p, rest)
+    step, tx = _trainer(
+        name, lambda p, x: module(p)(x), params, batch,
+        captured=(mac_optax.nnx.plan(model, tokens),
+                  lambda p, x: mac_optax.nnx.capture(module(p))(x)))
+  return step, ((params, tx.init(params)), batch, F32(0.01))
 
 
 def scan_depths(depths, repeats: int) -> dict:
@@ -232,21 +215,32 @@ def bench_models(quick: bool) -> dict:
   return out
 
 
-def _trainer(name, model, params, batch):
-  """(init, fresh jitted step, tx) with new function objects every call."""
-  fn = lambda p, x: model.apply({'params': p}, x)
+def _forward(model):
+  """``fn(params, x)`` of a Linen model, a new function object every call."""
+  return lambda p, x: model.apply({'params': p}, x)
+
+
+def _trainer(name, fn, params, batch, captured=None):
+  """(fresh jitted step, tx) of ``fn(params, x)``, new function objects.
+
+  MAC's statistics come from ``mac_optax.with_statistics`` with the plan of
+  ``fn``, or from ``captured = (plan, capture)`` with ``capture(params, x)``
+  returning ``(fn's output, statistics)`` (NNX: ``mac_optax.nnx.capture``).
+  """
   if name == 'sgd':
     tx = optax.sgd(1.0, momentum=steps.MOMENTUM)
     loss_fn = lambda p, b: (steps.cross_entropy(fn(p, b[0]), b[1]), None)
     update = lambda g, s, p, stats: tx.update(g, s, p)
   else:
-    plan = mac_optax.plan(fn, params, batch[0])
+    if captured is None:
+      plan = mac_optax.plan(fn, params, batch[0])
+      captured = (plan, mac_optax.with_statistics(fn, plan))
+    plan, capture = captured
     tx = mac_optax.mac_sgd(1.0, steps.MOMENTUM, damping=steps.MAC_DAMPING,
                            stat_decay=steps.MAC_STAT_DECAY, plan=plan)
-    with_stats = mac_optax.with_statistics(fn, plan)
 
     def loss_fn(p, b):
-      logits, stats = with_stats(p, b[0])
+      logits, stats = capture(p, b[0])
       return steps.cross_entropy(logits, b[1]), stats
     update = lambda g, s, p, stats: tx.update(g, s, p, intermediates=stats)
 
@@ -260,7 +254,7 @@ def _trainer(name, model, params, batch):
 
 def _update_ops(model, params, batch) -> dict:
   """StableHLO ops of MAC's update alone (no chain), and its layers."""
-  fn = lambda p, x: model.apply({'params': p}, x)
+  fn = _forward(model)
   plan = mac_optax.plan(fn, params, batch[0])
   tx = mac_optax.mac(steps.MAC_DAMPING, steps.MAC_STAT_DECAY, plan=plan)
   _, stats = jax.eval_shape(mac_optax.with_statistics(fn, plan), params,
@@ -283,7 +277,7 @@ def measure(name: str, quick: bool, compile_repeats: int, repeats: int,
   info, compiled = {}, {}
   for r in range(compile_repeats):
     for k in names[r % 2:] + names[:r % 2]:
-      step, tx = _trainer(k, model, params, batch)
+      step, tx = _trainer(k, _forward(model), params, batch)
       state = (run._fresh(params), tx.init(params))  # pylint: disable=protected-access
       t0, c0 = time.perf_counter(), time.process_time()
       lowered = step.lower(state, batch, F32(0.01))
@@ -297,7 +291,7 @@ def measure(name: str, quick: bool, compile_repeats: int, repeats: int,
                            text[text.index('ENTRY'):])))
   runners = {}
   for k in names:
-    _, tx = _trainer(k, model, params, batch)
+    _, tx = _trainer(k, _forward(model), params, batch)
     state = (run._fresh(params), tx.init(params))  # pylint: disable=protected-access
     runners[k], _ = run._timed_runner(compiled[k], state, batch, inner)  # pylint: disable=protected-access
     runners[k]()   # warm
