@@ -23,6 +23,7 @@ import json
 import re
 import time
 import traceback
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -824,12 +825,8 @@ def check_explicit_mesh_projection_as_dot():
   """The FSDP and tensor-parallel layouts with every layer's projection
   ``ãᵀĜ`` a dot (the form of large kernels), contracted over a split axis."""
   from mac_optax._src import rank_one  # pylint: disable=import-outside-toplevel
-  small = rank_one.DOT_FROM
-  rank_one.DOT_FROM = 0
-  try:
+  with mock.patch.object(rank_one, 'DOT_FROM', 0):
     return _explicit_run('fsdp') + '; ' + _explicit_run('tensor_parallel')
-  finally:
-    rank_one.DOT_FROM = small
 
 
 def check_explicit_mesh_multi_steps():
