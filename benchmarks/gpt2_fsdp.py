@@ -312,7 +312,7 @@ def markdown(result: dict) -> str:
       f"{result['embedding_spec']}). {result['platform']}, jax "
       f"{result['jax']}; step: min of {result['repeats']} interleaved "
       f"repeats; compile (trace, lower, compile with new function objects): "
-      f"min / median of {result.get('compile_repeats', 1)} interleaved "
+      f"min / median of {result['compile_repeats']} interleaved "
       'repeats (`benchmarks/gpt2_fsdp.py`, run by `benchmarks/run.py --only '
       'gpt2`).',
       '',
@@ -321,12 +321,10 @@ def markdown(result: dict) -> str:
       '|---|---:|---:|---:|---:|---:|']
   for name, e in opt.items():
     mem = e['memory']
-    median = e.get('compile_median_s', e['compile_s'])
-    median_ratio = e.get('compile_median_ratio', e['compile_ratio'])
     lines.append(
         f"| {LABELS[name]} | {e['min_s']:.2f} | {e['step_ratio']:.2f} | "
-        f"{e['compile_s']:.1f} / {median:.1f} | "
-        f"{e['compile_ratio']:.2f} / {median_ratio:.2f} | "
+        f"{e['compile_s']:.1f} / {e['compile_median_s']:.1f} | "
+        f"{e['compile_ratio']:.2f} / {e['compile_median_ratio']:.2f} | "
         f"{mib(mem.get('total', 0))} ({mib(mem.get('temp', 0))}) |")
   lines += ['', 'Optimizer state per device (MiB) as the same FSDP layout '
             'spans more devices; × devices / 1 device in brackets (1.00 = '
